@@ -1,0 +1,33 @@
+"""A preallocated key/value cache for incremental decoding."""
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer, written in place as tokens arrive.
+
+    One buffer of shape (layers, B, n_kv_heads, capacity, head_dim) for k and one for v, filled by
+    index assignment (no torch.cat per step, so no reallocation). Attention reads only the filled
+    prefix ``[:length]``: its cost grows with the tokens seen, not with the capacity.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (n_layers, batch_size, n_kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0  # tokens stored so far (the same for every layer once a forward pass ends)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv_heads, T, hd) after the filled prefix; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} tokens for a capacity of {self.capacity}")
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, n_tokens: int) -> None:
+        """Called once per forward pass, after every layer has stored its n_tokens new entries."""
+        self.length += n_tokens

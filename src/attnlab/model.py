@@ -1,0 +1,135 @@
+"""The Transformer: embeddings → N blocks (norm → attention → norm → MLP) → norm → logits.
+
+One class serves GPT-2, Llama/SmolLM2, Qwen3, Gemma-3 (decoders) and BERT (encoder); the
+ModelConfig says which parts to use. Attention itself lives in ``attention.py``.
+"""
+
+import torch
+from torch import nn
+
+from attnlab.attention import AttentionMask, MultiHeadAttention
+from attnlab.capture import Capture
+from attnlab.config import ModelConfig
+from attnlab.kv_cache import KVCache
+from attnlab.layers import make_mlp, make_norm
+from attnlab.positions import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """One transformer layer: attention then MLP, each wrapped in a residual connection.
+
+    pre-norm (GPT-2, Llama):   x = x + Attn(Norm(x));        x = x + MLP(Norm(x))
+    post-norm (BERT):          x = Norm(x + Attn(x));        x = Norm(x + MLP(x))
+    sandwich (Gemma-3):        x = x + Norm(Attn(Norm(x)));  x = x + Norm(MLP(Norm(x)))
+    """
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.placement = config.norm_placement
+        self.attention_norm = make_norm(config)
+        self.attention = MultiHeadAttention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = make_mlp(config)
+        if self.placement == "sandwich":
+            self.post_attention_norm = make_norm(config)
+            self.post_mlp_norm = make_norm(config)
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache: KVCache | None, capture: Capture | None) -> torch.Tensor:
+        if self.placement == "post":
+            x = self.attention_norm(x + self.attention(x, mask, rope, kv_cache, capture))
+            return self.mlp_norm(x + self.mlp(x))
+        attended = self.attention(self.attention_norm(x), mask, rope, kv_cache, capture)
+        if self.placement == "sandwich":
+            x = x + self.post_attention_norm(attended)
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """A decoder (causal) or encoder (bidirectional) transformer built from a ModelConfig."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positions == "learned":
+            self.position_embedding = nn.Embedding(config.context_length, config.d_model)
+        if config.type_vocab_size:
+            self.token_type_embedding = nn.Embedding(config.type_vocab_size, config.d_model)
+        if config.embedding_norm:
+            self.embedding_norm = make_norm(config)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+        if config.final_norm:
+            self.final_norm = make_norm(config)
+        if config.lm_head and not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.positions == "rope":
+            self.rope_global = RotaryEmbedding(config.head_dim, config.rope_theta)
+            self.rope_local = RotaryEmbedding(config.head_dim, config.rope_theta_local or config.rope_theta)
+
+    def output_weight(self) -> torch.Tensor:
+        """The (vocab, d) unembedding matrix: the token embedding itself when tied."""
+        return self.token_embedding.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def forward(self, ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                capture: Capture | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """ids (B, T) → logits (B, T, vocab), or the final hidden states (B, T, d) if asked/encoder.
+
+        attention_mask (B, T_total): 1 for real tokens, 0 for padding (keys no one may attend to).
+        With a kv_cache, ids are the *new* tokens; their positions continue after the cached ones.
+        """
+        config = self.config
+        B, T = ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > config.context_length:
+            raise ValueError(f"{start + T} tokens exceed the context length {config.context_length}")
+        positions = torch.arange(start, start + T, device=ids.device)
+
+        x = self.token_embedding(ids)  # (B, T, d)
+        if config.embedding_scale is not None:
+            x = x * torch.tensor(config.embedding_scale, dtype=x.dtype)
+        if config.positions == "learned":
+            x = x + self.position_embedding(positions)
+        if config.type_vocab_size:
+            types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
+            x = x + self.token_type_embedding(types)
+        if config.embedding_norm:
+            x = self.embedding_norm(x)
+
+        masks = self._masks(positions, start + T, attention_mask)
+        ropes = self._rope_tables(positions)
+        for layer, block in enumerate(self.blocks):
+            kind = config.layer_type(layer)
+            x = block(x, masks[kind], ropes[kind] if ropes else None, kv_cache, capture)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+
+        if config.final_norm:
+            x = self.final_norm(x)
+        if return_hidden or not config.lm_head:
+            return x
+        logits = x @ self.output_weight().T  # (B, T, vocab)
+        if config.final_logit_softcap is not None:
+            logits = config.final_logit_softcap * torch.tanh(logits / config.final_logit_softcap)
+        return logits
+
+    def _masks(self, query_positions: torch.Tensor, n_keys: int,
+               attention_mask: torch.Tensor | None) -> dict[str, AttentionMask]:
+        """One mask per layer kind ("global", "local"), shared by all layers of that kind."""
+        config = self.config
+        window = config.sliding_window
+        if window is not None and config.causal and n_keys <= window:
+            window = None  # every key is inside the window: the local mask is the global one
+        return {
+            "global": AttentionMask(query_positions, n_keys, causal=config.causal, key_padding=attention_mask),
+            "local": AttentionMask(query_positions, n_keys, causal=config.causal, sliding_window=window,
+                                   key_padding=attention_mask),
+        }
+
+    def _rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        if self.config.positions != "rope":
+            return None
+        return {"global": self.rope_global.cos_sin(positions), "local": self.rope_local.cos_sin(positions)}
