@@ -75,11 +75,14 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                capture: Capture | None = None, return_hidden: bool = False) -> torch.Tensor:
+                capture: Capture | None = None, return_hidden: bool = False,
+                last_position_only: bool = False) -> torch.Tensor:
         """ids (B, T) → logits (B, T, vocab), or the final hidden states (B, T, d) if asked/encoder.
 
         attention_mask (B, T_total): 1 for real tokens, 0 for padding (keys no one may attend to).
         With a kv_cache, ids are the *new* tokens; their positions continue after the cached ones.
+        last_position_only: project only the last position to the vocabulary (all generation needs;
+        for a 512-token prompt it skips a 512 × d × vocab matmul).
         """
         config = self.config
         B, T = ids.shape
@@ -107,6 +110,8 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
 
+        if last_position_only:
+            x = x[:, -1:]
         if config.final_norm:
             x = self.final_norm(x)
         if return_hidden or not config.lm_head:

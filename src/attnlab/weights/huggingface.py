@@ -84,7 +84,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
             mlp="glu", activation=_activation(hf.get("hidden_activation", "gelu_pytorch_tanh")),
             qkv_bias=hf.get("attention_bias", False), out_bias=hf.get("attention_bias", False), qk_norm=True,
             attn_scale=hf.get("query_pre_attn_scalar", hf["head_dim"]) ** -0.5,
-            attn_logit_softcap=hf.get("attn_logit_softcapping"), sliding_window=hf.get("sliding_window"),
+            # Gemma-3's config keeps attn_logit_softcapping from Gemma-2, but the model never applies it.
+            sliding_window=hf.get("sliding_window"),
             layer_types=[_layer_kind(t) for t in hf["layer_types"]], positions="rope",
             rope_theta=_rope_theta(hf, "full_attention"),
             rope_theta_local=_rope_theta(hf, "sliding_attention") if "rope_parameters" in hf

@@ -1,0 +1,217 @@
+"""The ``attnlab`` command. Thin by design: parse arguments, call the library, print.
+
+Every AttnlabError becomes one line on stderr (``attnlab: error: …``) and exit status 2.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from attnlab.errors import AttnlabError
+from attnlab.weights.registry import DEFAULT_MODEL
+
+EXIT_USAGE = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
+    return value
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                        help=f"named model, .gguf file, HF folder or attnlab checkpoint (default: {DEFAULT_MODEL})")
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", "-n", type=_positive_int, default=256, help="default: 256")
+    parser.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass ≥ p")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--system", default=None, help="system message for chat models")
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=args.stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnlab", description="Run, inspect and re-engineer transformer attention.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming")
+    _add_model(generate)
+    generate.add_argument("prompt", help="the prompt text")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_sampling(generate)
+    generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    generate.set_defaults(handler=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat that keeps the history (reads stdin if not a TTY)")
+    _add_model(chat)
+    _add_sampling(chat)
+    chat.set_defaults(handler=cmd_chat)
+
+    models = commands.add_parser("models", help="list the named models, whether installed, and their sizes")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(handler=cmd_models)
+
+    info = commands.add_parser("info", help="architecture of a model")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model (default: {DEFAULT_MODEL})")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=cmd_info)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import attnlab
+
+    lm = attnlab.load(args.model)
+    ids = lm.prompt_ids(args.prompt, chat=args.chat, system=args.system)
+    pieces = lm.stream_ids(ids, **_sampling_kwargs(args))
+    if args.json:
+        text = "".join(pieces)
+        print(json.dumps({"model": lm.name, "prompt": args.prompt, "chat": args.chat, "prompt_tokens": len(ids),
+                          "text": text}, ensure_ascii=False))
+        return
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import attnlab
+
+    lm = attnlab.load(args.model)
+    interactive = sys.stdin.isatty()
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    if interactive:
+        print(f"Chatting with {lm.name}. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        if interactive:
+            print("model> ", end="", flush=True)
+        reply = []
+        for piece in lm.stream_ids(lm.chat_ids(messages), **_sampling_kwargs(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from attnlab.weights.registry import NAMED_MODELS, model_size_bytes
+
+    rows = []
+    for model in NAMED_MODELS.values():
+        size = model_size_bytes(model)
+        rows.append({"name": model.name, "installed": size is not None, "size_mb": None if size is None
+                     else round(size / 1e6, 1), "default": model.name == DEFAULT_MODEL,
+                     "description": model.description, "install": model.install_command})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="named models")
+    for column in ("name", "installed", "size", "description"):
+        table.add_column(column)
+    for row in rows:
+        name = row["name"] + (" (default)" if row["default"] else "")
+        installed = "yes" if row["installed"] else f"no: {row['install']}"
+        size = f"{row['size_mb']:.0f} MB" if row["installed"] else "-"
+        table.add_row(name, installed, size, row["description"])
+    Console().print(table)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import attnlab
+
+    lm = attnlab.load(args.model)
+    config = lm.config
+    data = {"model": lm.name, "parameters": config.n_parameters()} | config.to_dict() | {
+        "tokenizer": type(lm.tokenizer).__name__, "tokenizer_vocab_size": lm.tokenizer.vocab_size,
+        "bos_id": lm.tokenizer.bos_id, "eos_id": lm.tokenizer.eos_id,
+        "has_chat_template": lm.tokenizer.chat_template is not None}
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return
+    kind = {1: "multi-query", config.n_heads: "multi-head"}.get(config.n_kv_heads, "grouped-query")
+    rows = [
+        ("family", config.family + (" (encoder, bidirectional)" if config.is_encoder else " (decoder, causal)")),
+        ("parameters", f"{config.n_parameters() / 1e6:.1f} M"),
+        ("layers", str(config.n_layers)),
+        ("d_model", str(config.d_model)),
+        ("attention", f"{config.n_heads} query heads, {config.n_kv_heads} key/value heads ({kind}), "
+                      f"head_dim {config.head_dim}"),
+        ("attention layers", _layer_summary(config)),
+        ("positions", f"RoPE θ={config.rope_theta:g}" + (f", local θ={config.rope_theta_local:g}"
+                      if config.rope_theta_local else "") if config.positions == "rope" else "learned absolute"),
+        ("qk-norm / bias / softcap", f"{config.qk_norm} / {config.qkv_bias} / {config.attn_logit_softcap}"),
+        ("norm", f"{config.norm} ({config.norm_placement}-norm), ε={config.norm_eps:g}"
+                 + (", scale (1+w)" if config.norm_unit_offset else "")),
+        ("mlp", f"{'gated ' if config.mlp == 'glu' else ''}{config.activation}, d_ff {config.d_ff}"),
+        ("vocabulary", f"{config.vocab_size} ({type(lm.tokenizer).__name__})"),
+        ("context", str(config.context_length)),
+        ("embeddings", ("tied" if config.tie_embeddings else "untied") + (
+            f", scaled by {config.embedding_scale:.2f}" if config.embedding_scale else "")
+            if config.lm_head else "no LM head (encoder)"),
+        ("chat template", "yes" if lm.tokenizer.chat_template else "no"),
+    ]
+    table = Table(title=lm.name, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for field, value in rows:
+        table.add_row(field, value)
+    Console().print(table)
+
+
+def _layer_summary(config) -> str:
+    if not config.layer_types or "local" not in config.layer_types:
+        return f"all {config.n_layers} global" + ("" if config.causal else " (bidirectional)")
+    local = config.layer_types.count("local")
+    return (f"{local} sliding-window (w={config.sliding_window}), {config.n_layers - local} global: "
+            + "".join("L" if t == "local" else "G" for t in config.layer_types))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], None] = args.handler
+    try:
+        handler(args)
+    except AttnlabError as error:
+        print(f"attnlab: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nattnlab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

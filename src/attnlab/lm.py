@@ -1,0 +1,180 @@
+"""``attnlab.load(source)`` and the LanguageModel it returns: model + tokenizer + generation.
+
+A source is a named model (``smollm2-135m-instruct``), a ``.gguf`` file, a Hugging Face folder
+(config.json + safetensors + tokenizer.json) or an attnlab checkpoint folder.
+"""
+
+import hashlib
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from attnlab.errors import InputError, ModelNotFoundError
+from attnlab.generate import SamplingConfig, generate_token_ids, stream_text
+from attnlab.model import Transformer
+from attnlab.paths import cache_dir
+from attnlab.tokenizer import HFTokenizer, Tokenizer, tokenizer_from_gguf, tokenizer_from_spec
+from attnlab.weights import build_model
+from attnlab.weights.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from attnlab.weights.gguf import load_gguf, open_gguf
+from attnlab.weights.huggingface import load_hf_folder
+from attnlab.weights.registry import DEFAULT_MODEL, NAMED_MODELS, resolve_named_model
+
+CONVERTED_FORMAT = "1"  # bump when the GGUF conversion changes, so stale caches are not reused
+
+
+class LanguageModel:
+    """A Transformer with its tokenizer: the object users and every command work with."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"LanguageModel({self.name!r}, family={c.family}, layers={c.n_layers}, heads={c.n_heads}/"
+                f"{c.n_kv_heads} kv, d_model={c.d_model}, params={c.n_parameters() / 1e6:.1f}M)")
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids LongTensor (B, T) → logits (B, T, vocab). Encoders (no LM head) raise InputError."""
+        self._require_decoder("compute next-token logits")
+        return self.model(self._check_ids(ids), attention_mask=attention_mask)
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) → final hidden states (B, T, d_model)."""
+        return self.model(self._check_ids(ids), attention_mask=attention_mask, return_hidden=True)
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Sentence embeddings (N, d_model): mean of the final hidden states over real tokens, L2-normalised
+        (how all-MiniLM-L6-v2 is meant to be used)."""
+        encoded = [self.tokenizer.encode(text) for text in texts]
+        length = max(len(ids) for ids in encoded)
+        ids = torch.zeros(len(encoded), length, dtype=torch.long)
+        mask = torch.zeros(len(encoded), length, dtype=torch.long)
+        for row, row_ids in enumerate(encoded):
+            ids[row, :len(row_ids)] = torch.tensor(row_ids)
+            mask[row, :len(row_ids)] = 1
+        hidden = self.hidden_states(ids, attention_mask=mask)
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    def prompt_ids(self, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids for a prompt; with ``chat`` it is wrapped in the model's chat template first."""
+        if not prompt.strip():
+            raise InputError("the prompt is empty: give some text")
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            return self.chat_ids(messages)
+        return self.tokenizer.encode(prompt)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream_ids(self, ids: Sequence[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                   stop: Sequence[str] = ()) -> Iterator[str]:
+        """Stream the text generated after the token ids ``ids``."""
+        self._require_decoder("generate text")
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        stop_ids = self.tokenizer.stop_ids
+        tokens = generate_token_ids(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                                    stop_ids=stop_ids)
+        return stream_text(tokens, self.tokenizer.decode, stop_ids, stop)
+
+    def stream(self, prompt: str, *, chat: bool = False, system: str | None = None, **sampling) -> Iterator[str]:
+        """Stream generated text piece by piece (see :meth:`generate` for the options)."""
+        return self.stream_ids(self.prompt_ids(prompt, chat=chat, system=system), **sampling)
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+                 chat: bool = False, system: str | None = None) -> str:
+        """Continue ``prompt`` (or answer it, with ``chat=True``) and return the new text.
+
+        temperature 0 (the default) is greedy decoding; generation ends at the model's end-of-text
+        token, at any of the ``stop`` strings, or after max_new_tokens.
+        """
+        return "".join(self.stream(prompt, chat=chat, system=system, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop))
+
+    def _require_decoder(self, action: str) -> None:
+        if not self.config.lm_head:
+            raise InputError(f"{self.name} is an encoder ({self.config.family}) with no language-model head: "
+                             f"it cannot {action}; use it to inspect attention or for embeddings")
+
+    def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+            raise InputError("ids must be a LongTensor of shape (batch, tokens)")
+        if ids.shape[1] == 0:
+            raise InputError("ids is empty: give at least one token")
+        if ids.shape[1] > self.config.context_length:
+            raise InputError(f"{ids.shape[1]} tokens exceed the model's context of {self.config.context_length}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise InputError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return ids
+
+
+def load(source: str | Path = DEFAULT_MODEL, *, use_cache: bool = True) -> LanguageModel:
+    """Load a model by name, .gguf path, Hugging Face folder or attnlab checkpoint folder.
+
+    GGUF files are dequantised to fp32 once and cached as an attnlab checkpoint (``use_cache``),
+    because parsing and dequantising a GGUF takes seconds that nobody should pay at every start.
+    """
+    text = str(source)
+    if text in NAMED_MODELS:
+        path, name = resolve_named_model(text), text
+    else:
+        path, name = Path(text).expanduser(), Path(text).name
+        if not path.exists():
+            raise ModelNotFoundError(f"{text}: no such file or folder, and not a named model "
+                                     f"(named models: {', '.join(NAMED_MODELS)})")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"{path}: expected a .gguf file, a Hugging Face folder or an attnlab checkpoint")
+        return _load_gguf(path, name, use_cache)
+    if is_checkpoint(path):
+        config, state, manifest = load_checkpoint(path)
+        if manifest.get("tokenizer") is None:
+            raise ModelNotFoundError(f"{path}: checkpoint has no tokenizer")
+        return LanguageModel(build_model(config, state, str(path)), tokenizer_from_spec(path, manifest["tokenizer"]),
+                             name)
+    if (path / "config.json").is_file():
+        config, state = load_hf_folder(path)
+        if not (path / "tokenizer.json").is_file():
+            raise ModelNotFoundError(f"{path}: no tokenizer.json beside config.json")
+        return LanguageModel(build_model(config, state, str(path)), HFTokenizer.from_file(path / "tokenizer.json"),
+                             name)
+    raise ModelNotFoundError(f"{path}: folder holds neither attnlab.json (attnlab checkpoint) nor config.json "
+                             f"(Hugging Face checkpoint)")
+
+
+def _load_gguf(path: Path, name: str, use_cache: bool) -> LanguageModel:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTED_FORMAT}".encode())
+    cached = cache_dir() / "converted" / key.hexdigest()[:24]
+    if use_cache and is_checkpoint(cached):
+        config, state, manifest = load_checkpoint(cached)
+        return LanguageModel(build_model(config, state, str(path)), tokenizer_from_spec(cached, manifest["tokenizer"]),
+                             name)
+    print(f"attnlab: reading and dequantising {path.name} (first use only, ~10-30 s)…", file=sys.stderr)
+    reader = open_gguf(path)
+    config, state = load_gguf(path, reader)
+    tokenizer = tokenizer_from_gguf(reader)
+    model = build_model(config, state, str(path))
+    if use_cache:
+        try:
+            save_checkpoint(cached, config, model.state_dict(), tokenizer, extra={"source": str(path)})
+        except OSError as error:
+            print(f"attnlab: could not cache the converted model in {cached} ({error}); continuing", file=sys.stderr)
+    return LanguageModel(model, tokenizer, name)

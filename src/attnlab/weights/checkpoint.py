@@ -1,0 +1,85 @@
+"""attnlab's own checkpoint format: a folder that never executes code when loaded.
+
+    attnlab.json       {"format": "attnlab-checkpoint", "version": 1, "config": {...}, "tokenizer": {...}}
+    model.safetensors  the weights in attnlab's parameter names
+    (tokenizer files)  whatever the tokenizer's ``save`` wrote (tokenizer.json, chars.json…)
+
+The folder is written under a temporary name and renamed into place, so a reader never sees half
+a checkpoint. The same format caches GGUF files after their first (slow) dequantisation.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from attnlab.config import ModelConfig
+from attnlab.errors import WeightsFormatError
+
+FORMAT_NAME = "attnlab-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "attnlab.json"
+WEIGHTS = "model.safetensors"
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer,
+                    extra: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically (temp folder + rename). ``tokenizer`` may be None."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        tensors = {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
+        save_file(tensors, str(staging / WEIGHTS))
+        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config.to_dict(),
+                    "tokenizer": tokenizer.save(staging) if tokenizer is not None else None} | (extra or {})
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise WeightsFormatError(f"{path}: unreadable checkpoint manifest ({error})") from None
+    if manifest.get("format") != FORMAT_NAME:
+        raise WeightsFormatError(f"{path}: field format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise WeightsFormatError(f"{path}: field version is {manifest.get('version')!r}, expected {FORMAT_VERSION}")
+    if not isinstance(manifest.get("config"), dict):
+        raise WeightsFormatError(f"{path}: field config is missing or not an object")
+    return manifest
+
+
+def load_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """(config, state dict, manifest) of a checkpoint folder."""
+    manifest = read_manifest(folder)
+    config = ModelConfig.from_dict(manifest["config"])
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise WeightsFormatError(f"{folder}: {WEIGHTS} is missing")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as error:
+        raise WeightsFormatError(f"{weights}: corrupt or truncated safetensors file ({error})") from None
+    return config, state, manifest
