@@ -54,9 +54,9 @@ def test_rope_rotates_pairs_and_scores_depend_on_relative_position():
     assert abs(score(5, 2) - score(13, 10)) < 1e-4  # only m − n matters
     cos, sin = rope.cos_sin(torch.tensor([3]))
     rotated = apply_rope(q, cos, sin)
-    angle = 3 * 100.0 ** (-2 * 1 / 8)  # pair 1 = features (1, 5)
+    angle = torch.tensor(3 * 100.0 ** (-2 * 1 / 8))  # pair 1 = features (1, 5)
     x1, x2 = q[0, 0, 0, 1], q[0, 0, 0, 5]
-    assert torch.allclose(rotated[0, 0, 0, 1], x1 * torch.cos(torch.tensor(angle)) - x2 * torch.sin(torch.tensor(angle)))
+    assert torch.allclose(rotated[0, 0, 0, 1], x1 * torch.cos(angle) - x2 * torch.sin(angle))
     assert torch.allclose(rotated.norm(), q.norm(), atol=1e-5)  # a rotation keeps lengths
 
 
