@@ -1,32 +1,34 @@
 """Generation benchmark: attnlab against transformers, on the same model, in the same run.
 
-What is measured, for each system (each in its own subprocess, fp32, greedy, ``torch.inference_mode()``):
+What is measured, for each system (fp32, greedy, under ``torch.inference_mode()``):
 
-* load time (s)        -- from the call that loads the model until the model is ready. attnlab loads its
-                          cached fp32 conversion of the GGUF; transformers dequantises the GGUF at every load.
-* prefill (tokens/s)   -- prompt length / time to produce the first new token after a ``--prompt-tokens``
-                          prompt (an English paragraph repeated, encoded and cut to exactly that many ids).
-* decode (tokens/s)    -- (N - 1) / (time to generate N tokens - time to generate 1 token), which removes the
-                          prefill; after a short context (the 37-token chat prompt "What is the capital of
-                          France?") and after the long ``--prompt-tokens`` context.
-* peak RSS (MB)        -- ``ru_maxrss`` of the worker process: imports, load and generation together.
+* load time (s)        -- the call that loads the model, until it is ready to generate. attnlab loads its
+                          cached fp32 conversion of the GGUF; transformers parses and dequantises the GGUF
+                          at every load.
+* prefill (tokens/s)   -- prompt length / time to the first new token after a ``--prompt-tokens`` prompt
+                          (an English paragraph repeated, encoded and cut to exactly that many ids).
+* decode (tokens/s)    -- (N - 1) / (time to generate N tokens - time to generate 1 token), which takes the
+                          prefill out; after a short context (the 37-token chat prompt "What is the capital
+                          of France?") and after the long ``--prompt-tokens`` context. N = ``--new-tokens``.
+* peak RSS (MB)        -- ``ru_maxrss`` of the system's own process: imports, load and generation together.
 
 Both run their product path: ``attnlab.generate.generate_token_ids`` and ``model.generate`` (transformers,
-default sdpa attention, ``min_new_tokens = max_new_tokens`` so that no end-of-text stops it early). Each
-measurement is warmed up once, then repeated ``--repeats`` times; the table shows medians. The script also
-checks that both systems produce the same greedy tokens after the short prompt: a benchmark of a model that
-computes something else would be meaningless.
+default sdpa attention, ``min_new_tokens = max_new_tokens`` and no end-of-text id, so neither stops early),
+on the same token ids (attnlab's tokenizer makes them). Each measurement is warmed up once, then repeated
+``--repeats`` times; the table shows medians. The script also checks that both systems produce the same greedy
+tokens after the short prompt: a benchmark of a model that computes something else would be meaningless.
 
-The machine this usually runs on is small and shared, so absolute numbers drift from run to run; only the
-ratios measured within one run mean much.
+How: each system lives in its own subprocess (the script re-invokes itself with ``--worker attnlab`` or
+``--worker transformers``), so peak RSS is per system and imports do not interfere. Both stay alive, and the
+parent asks them for one timed generation at a time, alternating between them (A B, then B A): on a small
+shared machine speed drifts by tens of percent within a minute, and timing one system after the other would
+put that drift into the ratios. A worker answers each request with one JSON line (prefixed with a marker)
+and prints its peak RSS when told it is done. Only ratios measured within one run mean much.
 
 Run it from the repository root (first use of a GGUF model converts it once, ~10-30 s, before timing):
 
     .venv/bin/python bench/generate.py                     # smollm2-135m-instruct, 2 threads, 3 repeats
     .venv/bin/python bench/generate.py --repeats 5 --prompt-tokens 1024 --new-tokens 128 --json out.json
-
-Internally the script re-invokes itself with ``--worker attnlab`` / ``--worker transformers``; a worker
-prints one JSON line (prefixed with a marker) that the parent parses.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-RESULT_MARKER = "ATTNLAB_BENCH_RESULT "
+RESULT_MARKER = "ATTNLAB_BENCH "
 SYSTEMS = ("attnlab", "transformers")
 SHORT_PROMPT = "What is the capital of France?"
 # Plain English filler for the long prompt; repeated as often as needed and cut to an exact token count.
@@ -71,44 +73,9 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def timed(runner: Runner, ids: Sequence[int], new_tokens: int) -> tuple[float, list[int]]:
-    """Seconds taken by ``runner(ids, new_tokens)`` and the tokens it generated."""
-    start = time.perf_counter()
-    tokens = runner(ids, new_tokens)
-    elapsed = time.perf_counter() - start
-    if len(tokens) != new_tokens:
-        raise RuntimeError(f"asked for {new_tokens} new tokens, got {len(tokens)}")
-    return elapsed, tokens
-
-
-def decode_rate(time_n: float, time_1: float, new_tokens: int) -> float:
-    """Decode tokens/s from the time for N tokens and for 1 token (both include the same prefill)."""
-    return (new_tokens - 1) / max(time_n - time_1, 1e-9)
-
-
-def measure(runner: Runner, short_ids: Sequence[int], long_ids: Sequence[int], new_tokens: int,
-            repeats: int) -> dict[str, Any]:
-    """Warm up once, then time prefill and decode ``repeats`` times; medians plus the raw runs."""
-    timed(runner, short_ids, new_tokens)  # warm-up: first-call allocations, kernel selection, caches
-    timed(runner, long_ids, new_tokens)
-    runs: list[dict[str, float]] = []
-    short_tokens: list[int] = []
-    long_tokens: list[int] = []
-    for _ in range(repeats):
-        long_1, _ = timed(runner, long_ids, 1)
-        long_n, long_tokens = timed(runner, long_ids, new_tokens)
-        short_1, _ = timed(runner, short_ids, 1)
-        short_n, short_tokens = timed(runner, short_ids, new_tokens)
-        runs.append({
-            "prefill_tok_s": len(long_ids) / long_1,
-            "decode_short_tok_s": decode_rate(short_n, short_1, new_tokens),
-            "decode_long_tok_s": decode_rate(long_n, long_1, new_tokens),
-            "seconds_long_1": long_1, "seconds_long_n": long_n,
-            "seconds_short_1": short_1, "seconds_short_n": short_n,
-        })
-    medians = {key: statistics.median(run[key] for run in runs)
-               for key in ("prefill_tok_s", "decode_short_tok_s", "decode_long_tok_s")}
-    return {**medians, "runs": runs, "short_tokens": short_tokens, "long_tokens": long_tokens}
+def reply(message: dict[str, Any]) -> None:
+    """Send one message to the parent: a marked JSON line (libraries may print other lines)."""
+    print(RESULT_MARKER + json.dumps(message), flush=True)
 
 
 def long_prompt_ids(encode: Callable[[str], list[int]], n_tokens: int) -> list[int]:
@@ -129,18 +96,24 @@ def converted_entries() -> set[str]:
     return {entry.name for entry in folder.iterdir()} if folder.is_dir() else set()
 
 
-def attnlab_worker(args: argparse.Namespace, torch: Any) -> dict[str, Any]:
+def load_attnlab(args: argparse.Namespace, torch: Any) -> tuple[Runner, dict[str, Any]]:
+    """Load attnlab's model; its runner, and the prompts (made with its tokenizer) for both systems."""
     import attnlab
+    from attnlab.errors import TokenizerError
     from attnlab.generate import generate_token_ids
 
     before = converted_entries()
     start = time.perf_counter()
     lm = attnlab.load(args.model)
     load_s = time.perf_counter() - start
-    converted = bool(converted_entries() - before)
+    if not (lm.config.lm_head and lm.config.causal):
+        raise SystemExit(f"error: {args.model} is not a causal language model ({lm.config.family}); "
+                         f"there is no generation to benchmark")
     model = lm.model.eval()
-
-    short_ids = lm.prompt_ids(SHORT_PROMPT, chat=True)
+    try:
+        short_ids, chat = lm.prompt_ids(SHORT_PROMPT, chat=True), True
+    except TokenizerError:  # a base model without a chat template: the question as plain text
+        short_ids, chat = lm.prompt_ids(SHORT_PROMPT), False
     long_ids = long_prompt_ids(lm.tokenizer.encode, args.prompt_tokens)
     if len(long_ids) + args.new_tokens > lm.config.context_length:
         raise SystemExit(f"error: {args.prompt_tokens} + {args.new_tokens} tokens exceed the model's context "
@@ -150,12 +123,13 @@ def attnlab_worker(args: argparse.Namespace, torch: Any) -> dict[str, Any]:
         with torch.inference_mode():
             return list(generate_token_ids(model, ids, max_new_tokens=new_tokens, stop_ids=frozenset()))
 
-    result = measure(run, short_ids, long_ids, args.new_tokens, args.repeats)
-    return {"load_s": load_s, "converted_on_load": converted, "short_ids": short_ids, "long_ids": long_ids,
-            "version": attnlab.__version__, **result}
+    info = {"load_s": load_s, "converted_on_load": bool(converted_entries() - before), "version": attnlab.__version__,
+            "prompts": {"short": short_ids, "long": long_ids}, "short_prompt_chat": chat}
+    return run, info
 
 
-def transformers_worker(args: argparse.Namespace, torch: Any, prompts: dict[str, list[int]]) -> dict[str, Any]:
+def load_transformers(args: argparse.Namespace, torch: Any) -> tuple[Runner, dict[str, Any]]:
+    """Load the transformers model from the same weights file; its runner (``model.generate``)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -180,23 +154,35 @@ def transformers_worker(args: argparse.Namespace, torch: Any, prompts: dict[str,
                                     pad_token_id=pad_id)
         return output[0, len(ids):].tolist()
 
-    result = measure(run, prompts["short_ids"], prompts["long_ids"], args.new_tokens, args.repeats)
-    return {"load_s": load_s, "version": transformers.__version__,
-            "attn_implementation": model.config._attn_implementation, **result}
+    info = {"load_s": load_s, "version": transformers.__version__,
+            "attn_implementation": model.config._attn_implementation}
+    return run, info
 
 
 def worker_main(args: argparse.Namespace) -> int:
-    """Run one system's measurements and print its results as one marked JSON line."""
+    """Load one system, then serve timed generations until the parent says done.
+
+    stdin, one JSON object a line: {"prompts": {...}} (transformers only, first), then
+    {"prompt": "short"|"long", "new_tokens": N} for each timed run, then {"done": true}.
+    """
     import torch
 
     torch.set_num_threads(args.threads)
     if args.worker == "attnlab":
-        result = attnlab_worker(args, torch)
+        runner, info = load_attnlab(args, torch)
+        prompts = info["prompts"]
     else:
-        result = transformers_worker(args, torch, json.loads(sys.stdin.read()))
-    result.update(system=args.worker, threads=torch.get_num_threads(), torch_version=torch.__version__,
-                  peak_rss_mb=peak_rss_mb())
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+        prompts = json.loads(sys.stdin.readline())["prompts"]
+        runner, info = load_transformers(args, torch)
+    reply({**info, "threads": torch.get_num_threads(), "torch_version": torch.__version__})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("done"):
+            break
+        start = time.perf_counter()
+        tokens = runner(prompts[request["prompt"]], request["new_tokens"])
+        reply({"seconds": time.perf_counter() - start, "tokens": tokens})
+    reply({"peak_rss_mb": peak_rss_mb()})
     return 0
 
 
@@ -204,7 +190,71 @@ def worker_main(args: argparse.Namespace) -> int:
 
 
 class BenchError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
+    """A problem the user can fix, or a failed worker; printed as one line, exit status 2."""
+
+
+class Worker:
+    """One system in its own process, answering requests for timed generations."""
+
+    def __init__(self, system: str, args: argparse.Namespace, model_path: Path) -> None:
+        self.system = system
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--model", args.model,
+                   "--model-path", str(model_path), "--threads", str(args.threads),
+                   "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+        threads = str(args.threads)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+               "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        # stderr goes to a file, not a pipe: progress bars would fill a pipe nobody reads and block the worker.
+        self.stderr: IO[str] = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                        text=True, bufsize=1, env=env)
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise self.failure() from None
+
+    def receive(self) -> dict[str, Any]:
+        for line in self.process.stdout:
+            if line.startswith(RESULT_MARKER):
+                return json.loads(line[len(RESULT_MARKER):])
+        raise self.failure()
+
+    def generate(self, prompt: str, new_tokens: int) -> dict[str, Any]:
+        """Seconds and tokens of one generation of ``new_tokens`` after the named prompt."""
+        self.send({"prompt": prompt, "new_tokens": new_tokens})
+        answer = self.receive()
+        if len(answer["tokens"]) != new_tokens:
+            raise BenchError(f"{self.system} generated {len(answer['tokens'])} tokens instead of {new_tokens}")
+        return answer
+
+    def finish(self) -> dict[str, Any]:
+        """Tell the worker to stop; its final message (peak RSS)."""
+        self.send({"done": True})
+        final = self.receive()
+        self.process.wait()
+        return final
+
+    def cpu_seconds(self) -> float:
+        """CPU time the worker has used so far (Linux /proc; 0 where unavailable)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def failure(self) -> BenchError:
+        code = self.process.wait()
+        self.stderr.seek(0)
+        lines = [line for line in self.stderr.read().splitlines() if line.strip()]
+        return BenchError(f"the {self.system} worker failed (exit {code}): {lines[-1] if lines else 'no output'}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def check_transformers_installed() -> None:
@@ -231,20 +281,71 @@ def resolve_model_path(model: str) -> Path:
                      f"a .gguf file or a Hugging Face folder")
 
 
-def run_worker(system: str, args: argparse.Namespace, model_path: Path, stdin: str = "") -> dict[str, Any]:
-    """Run one worker subprocess and parse its result line; BenchError with its stderr tail if it fails."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--model", args.model,
-               "--model-path", str(model_path), "--threads", str(args.threads), "--repeats", str(args.repeats),
-               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-    threads = str(args.threads)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    done = subprocess.run(command, input=stdin, capture_output=True, text=True, env=env)
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER) and done.returncode == 0:
-            return json.loads(line[len(RESULT_MARKER):])
-    tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
-    raise BenchError(f"the {system} worker failed (exit {done.returncode}): {tail[0]}")
+def start_workers(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Worker], dict[str, dict[str, Any]]]:
+    """Start both workers (attnlab first: its tokenizer makes the prompts); their load-time reports."""
+    workers: dict[str, Worker] = {}
+    try:
+        workers["attnlab"] = Worker("attnlab", args, model_path)
+        ready = workers["attnlab"].receive()
+        if ready["converted_on_load"]:  # that load paid the one-off GGUF conversion: time the everyday one
+            workers["attnlab"].finish()
+            workers["attnlab"] = Worker("attnlab", args, model_path)
+            ready = {**workers["attnlab"].receive(), "converted_first": True}
+        workers["transformers"] = Worker("transformers", args, model_path)
+        workers["transformers"].send({"prompts": ready["prompts"]})
+        return workers, {"attnlab": ready, "transformers": workers["transformers"].receive()}
+    except BaseException:
+        for worker in workers.values():
+            worker.kill()
+        raise
+
+
+def measure(workers: dict[str, Worker], prompt_tokens: int, new_tokens: int,
+            repeats: int) -> dict[str, dict[str, Any]]:
+    """Warm-up, then ``repeats`` rounds of four timed generations per system, the systems alternating."""
+    schedule = (("long", 1), ("long", new_tokens), ("short", 1), ("short", new_tokens))
+    for prompt, count in schedule:  # warm-up: first-call allocations, kernel selection, caches
+        for worker in workers.values():
+            worker.generate(prompt, count)
+    runs: dict[str, list[dict[str, float]]] = {system: [] for system in workers}
+    tokens: dict[str, dict[str, list[int]]] = {system: {} for system in workers}
+    order = list(workers)
+    for _ in range(repeats):
+        seconds: dict[str, dict[str, float]] = {system: {} for system in workers}
+        for prompt, count in schedule:
+            for system in order:
+                answer = workers[system].generate(prompt, count)
+                seconds[system][f"seconds_{prompt}_{count}"] = answer["seconds"]
+                if count == new_tokens:
+                    tokens[system][prompt] = answer["tokens"]
+        for system in workers:
+            runs[system].append(rates(seconds[system], prompt_tokens, new_tokens))
+        order.reverse()
+    results = {}
+    for system in workers:
+        medians = {key: statistics.median(run[key] for run in runs[system])
+                   for key in ("prefill_tok_s", "decode_short_tok_s", "decode_long_tok_s")}
+        results[system] = {**medians, "runs": runs[system], "short_tokens": tokens[system]["short"],
+                           "long_tokens": tokens[system]["long"]}
+    return results
+
+
+def rates(seconds: dict[str, float], prompt_tokens: int, new_tokens: int) -> dict[str, float]:
+    """Prefill and decode tokens/s from one round's timings (decode = (N-1) / (t_N - t_1)), and the timings."""
+    long_1, long_n = seconds["seconds_long_1"], seconds[f"seconds_long_{new_tokens}"]
+    short_1, short_n = seconds["seconds_short_1"], seconds[f"seconds_short_{new_tokens}"]
+    return {"prefill_tok_s": prompt_tokens / long_1,
+            "decode_short_tok_s": (new_tokens - 1) / max(short_n - short_1, 1e-9),
+            "decode_long_tok_s": (new_tokens - 1) / max(long_n - long_1, 1e-9), **seconds}
+
+
+def cpu_jiffies() -> int | None:
+    """Busy clock ticks of all CPUs since boot, from /proc/stat; None where there is none."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait; steal counts: that CPU was not ours
 
 
 def cpu_model() -> str:
@@ -272,6 +373,9 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")
@@ -281,20 +385,19 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-# (key, label, unit format, higher is better)
+# (key, label, number format, higher is better)
 METRICS = (
-    ("load_s", "load time (s)", "{:.2f}", False),
-    ("prefill_tok_s", "prefill, {prompt}-token prompt (tok/s)", "{:.0f}", True),
-    ("decode_short_tok_s", "decode after {short}-token context (tok/s)", "{:.1f}", True),
-    ("decode_long_tok_s", "decode after {prompt}-token context (tok/s)", "{:.1f}", True),
+    ("load_s", "load (s)", "{:.2f}", False),
+    ("prefill_tok_s", "prefill {prompt} tok (tok/s)", "{:.0f}", True),
+    ("decode_short_tok_s", "decode @ {short}-tok ctx (tok/s)", "{:.1f}", True),
+    ("decode_long_tok_s", "decode @ {prompt}-tok ctx (tok/s)", "{:.1f}", True),
     ("peak_rss_mb", "peak RSS (MB)", "{:.0f}", False),
 )
 
 
 def ratio_cell(ours: float, theirs: float, higher_is_better: bool) -> str:
     ratio = ours / theirs if theirs else float("nan")
-    better = ratio > 1 if higher_is_better else ratio < 1
-    colour = "green" if better else "red"
+    colour = "green" if (ratio > 1 if higher_is_better else ratio < 1) else "red"
     return f"[{colour}]{ratio:.2f}×[/{colour}]"
 
 
@@ -303,16 +406,16 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace, machine
     from rich.table import Table
 
     ours, theirs = results["attnlab"], results["transformers"]
-    names = {"prompt": args.prompt_tokens, "short": len(ours["short_ids"])}
-    table = Table(title=f"Generation benchmark: {args.model}, fp32, greedy, {args.new_tokens} new tokens, "
-                        f"median of {args.repeats}")
+    names = {"prompt": args.prompt_tokens, "short": len(ours["prompts"]["short"])}
+    table = Table(title=f"{args.model}: fp32, greedy, {args.new_tokens} new tokens, median of {args.repeats}",
+                  caption="ratio a/t = attnlab / transformers; green where attnlab is better")
     table.add_column("metric")
-    for column in ("attnlab", "transformers", "attnlab / transformers"):
+    for column in ("attnlab", "transformers", "ratio a/t"):
         table.add_column(column, justify="right")
     table.add_column("better")
     for key, label, fmt, higher in METRICS:
         table.add_row(label.format(**names), fmt.format(ours[key]), fmt.format(theirs[key]),
-                      ratio_cell(ours[key], theirs[key], higher), "higher" if higher else "lower")
+                      ratio_cell(ours[key], theirs[key], higher), "↑ higher" if higher else "↓ lower")
 
     console = Console()
     console.print(table)
@@ -322,35 +425,54 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace, machine
                   f"{'[green]yes[/green]' if match else '[red]no[/red]'}")
     console.print(f"long prompt: first {agree}/{args.new_tokens} greedy tokens agree")
     console.print(f"machine: {machine['cpu']}, {machine['cpus']} CPUs, {args.threads} threads, "
-                  f"torch {machine['torch']}, transformers {machine['transformers']}, python {machine['python']}, "
-                  f"transformers attention: {theirs.get('attn_implementation')}")
-    if machine["attnlab_converted_first"]:
-        console.print("note: attnlab converted the GGUF on its first load; the worker was run again so the "
-                      "load time above is the cached load")
+                  f"torch {machine['torch']}, transformers {machine['transformers']} "
+                  f"({theirs.get('attn_implementation')} attention), python {machine['python']}")
+    busy = machine["other_cpus"]
+    if busy is not None and busy > 0.2:
+        console.print(f"[yellow]warning: other processes kept {busy:.1f} CPUs busy on average while timing; "
+                      f"the numbers are unreliable, rerun on a quieter machine[/yellow]")
+    if not ours["short_prompt_chat"]:
+        console.print("note: the model has no chat template; the short prompt is the question as plain text")
+    if ours.get("converted_first"):
+        console.print("note: attnlab converted the GGUF on its first load; it was loaded again, so the load "
+                      "time above is the everyday (cached) load")
+
+
+def benchmark(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, dict[str, Any]], float | None]:
+    """Both systems' results, and how many CPUs other processes kept busy while they were timed."""
+    workers, loaded = start_workers(args, model_path)
+    try:
+        busy_before, start = cpu_jiffies(), time.perf_counter()
+        ours_before = sum(worker.cpu_seconds() for worker in workers.values()) + sum(os.times()[:2])
+        measured = measure(workers, args.prompt_tokens, args.new_tokens, args.repeats)
+        ours_after = sum(worker.cpu_seconds() for worker in workers.values()) + sum(os.times()[:2])
+        busy_after, wall = cpu_jiffies(), time.perf_counter() - start
+        others = None
+        if busy_before is not None and busy_after is not None:
+            machine_s = (busy_after - busy_before) / os.sysconf("SC_CLK_TCK")
+            others = max(machine_s - (ours_after - ours_before), 0.0) / wall
+        finals = {system: worker.finish() for system, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.kill()
+    return {system: {**loaded[system], **measured[system], **finals[system]} for system in SYSTEMS}, others
 
 
 def parent_main(args: argparse.Namespace) -> int:
     check_transformers_installed()
     model_path = resolve_model_path(args.model)
-    print(f"bench: attnlab worker ({args.repeats} repeats + warm-up)…", file=sys.stderr, flush=True)
-    ours = run_worker("attnlab", args, model_path)
-    converted_first = bool(ours["converted_on_load"])
-    if converted_first:  # the first load paid the one-off GGUF conversion: measure the everyday load
-        ours = run_worker("attnlab", args, model_path)
-    print("bench: transformers worker…", file=sys.stderr, flush=True)
-    prompts = {"short_ids": ours["short_ids"], "long_ids": ours["long_ids"]}
-    theirs = run_worker("transformers", args, model_path, stdin=json.dumps(prompts))
-
-    results = {"attnlab": ours, "transformers": theirs}
-    machine = {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads, "torch": ours["torch_version"],
-               "transformers": theirs["version"], "python": platform.python_version(),
-               "attnlab_converted_first": converted_first}
+    print(f"bench: loading both systems, then a warm-up and {args.repeats} timed round(s), the systems "
+          f"alternating (a few minutes)…", file=sys.stderr, flush=True)
+    results, others = benchmark(args, model_path)
+    machine = {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads,
+               "torch": results["attnlab"]["torch_version"], "transformers": results["transformers"]["version"],
+               "python": platform.python_version(), "other_cpus": others}
     render(results, args, machine)
     if args.json:
         settings = {key: getattr(args, key) for key in ("model", "threads", "repeats", "prompt_tokens", "new_tokens")}
         write_json_atomically(Path(args.json), {
             "settings": {**settings, "model_path": str(model_path)}, "machine": machine, "results": results,
-            "tokens_match": ours["short_tokens"] == theirs["short_tokens"]})
+            "tokens_match": results["attnlab"]["short_tokens"] == results["transformers"]["short_tokens"]})
     return 0
 
 

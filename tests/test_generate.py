@@ -47,3 +47,16 @@ def test_stream_text_cuts_at_stop_strings_and_holds_partial_characters():
     assert euro == ["€"]
     assert "".join(stream_text(iter([1, 9, 2]), lambda ids: decode([i for i in ids if i != 9]),
                                frozenset({9}))) == "Hel"
+
+
+def test_generation_refuses_an_encoder():
+    from attnlab.config import ModelConfig
+    from attnlab.generate import generate_token_ids
+    from attnlab.model import Transformer
+
+    config = ModelConfig(family="bert", vocab_size=50, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8,
+                         d_ff=32,
+                         context_length=32, causal=False, lm_head=False, positions="learned", norm="layernorm",
+                         norm_placement="post", mlp="gelu", activation="gelu")
+    with pytest.raises(InputError, match="encoder"):
+        next(generate_token_ids(Transformer(config), [1, 2, 3], max_new_tokens=2))

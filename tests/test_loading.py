@@ -38,6 +38,25 @@ def test_checkpoint_round_trip_keeps_logits_and_tokenizer(tmp_path):
     assert load_checkpoint(folder)[0] == config
 
 
+def test_loaded_matrices_are_input_major_and_saved_without_a_copy_at_load(tmp_path):
+    tokenizer = CharTokenizer.from_text("hello world")
+    config, model = _tiny(tokenizer.vocab_size)
+    reference = model.eval()(torch.tensor([[1, 2, 3]]))
+    first = attnlab.load(save_checkpoint(tmp_path / "a", config, model.state_dict(), tokenizer))
+    w_q = first.model.blocks[0].attention.w_q.weight
+    assert w_q.shape == (16, 16) and w_q.stride() == (1, 16)  # (out, in) shape, (in, out) memory order
+    assert first.model.token_embedding.weight.stride() == (1, tokenizer.vocab_size)  # tied: it is the LM head
+    again = save_checkpoint(tmp_path / "b", config, first.model.state_dict(), tokenizer)
+    manifest = json.loads((again / "attnlab.json").read_text())
+    assert "blocks.0.attention.w_q.weight" in manifest["stored_transposed"]
+    _, state, _ = load_checkpoint(again)
+    assert state["blocks.0.attention.w_q.weight"].shape == (16, 16)
+    assert torch.allclose(attnlab.load(again).model(torch.tensor([[1, 2, 3]])), reference, atol=1e-6)
+    (again / "attnlab.json").write_text(json.dumps(manifest | {"stored_transposed": ["blocks.0.mlp_norm.weight"]}))
+    with pytest.raises(WeightsFormatError, match="stored_transposed names 'blocks.0.mlp_norm.weight'"):
+        attnlab.load(again)
+
+
 def test_checkpoint_manifest_errors_name_the_field(tmp_path):
     config, model = _tiny()
     folder = save_checkpoint(tmp_path / "run", config, model.state_dict(), CharTokenizer.from_text("abcdefghijkl"))

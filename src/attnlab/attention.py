@@ -183,6 +183,6 @@ class MultiHeadAttention(nn.Module):
 
         output = self.w_o(heads.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, d)
         if recording and "head_contrib" in capture.points:
-            w_o_per_head = self.w_o.weight.view(-1, self.n_heads, self.head_dim)  # (d, H, hd)
+            w_o_per_head = self.w_o.weight.unflatten(1, (self.n_heads, self.head_dim))  # (d, H, hd)
             capture.record("head_contrib", self.layer, torch.einsum("bhtk,dhk->bhtd", heads, w_o_per_head))
         return output

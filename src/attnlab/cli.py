@@ -140,10 +140,14 @@ def cmd_models(args: argparse.Namespace) -> None:
         table.add_column(column)
     for row in rows:
         name = row["name"] + (" (default)" if row["default"] else "")
-        installed = "yes" if row["installed"] else f"no: {row['install']}"
+        installed = "yes" if row["installed"] else "no (see below)"
         size = f"{row['size_mb']:.0f} MB" if row["installed"] else "-"
         table.add_row(name, installed, size, row["description"])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for row in rows:  # printed whole, outside the table, so the command can be copied as it is
+        if not row["installed"]:
+            console.print(f"to install {row['name']}: {row['install']}", soft_wrap=True, highlight=False)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -57,6 +57,8 @@ def generate_token_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new
                        stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
     """Yield new token ids one at a time; stops after a stop id (yielded) or max_new_tokens."""
     config = model.config
+    if not config.lm_head:
+        raise InputError(f"a {config.family} encoder has no language-model head: it cannot generate text")
     if not prompt_ids:
         raise InputError("the prompt is empty: give at least one token of text")
     if max_new_tokens < 0:

@@ -22,7 +22,7 @@ from attnlab.weights.gguf import load_gguf, open_gguf
 from attnlab.weights.huggingface import load_hf_folder
 from attnlab.weights.registry import DEFAULT_MODEL, NAMED_MODELS, resolve_named_model
 
-CONVERTED_FORMAT = "1"  # bump when the GGUF conversion changes, so stale caches are not reused
+CONVERTED_FORMAT = "2"  # bump when the GGUF conversion changes, so stale caches are not reused
 
 
 class LanguageModel:

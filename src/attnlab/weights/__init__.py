@@ -1,6 +1,7 @@
 """Weight loaders: each turns a file format into (ModelConfig, state dict in attnlab's names)."""
 
 import torch
+from torch import nn
 
 from attnlab.config import ModelConfig
 from attnlab.errors import WeightsFormatError
@@ -35,4 +36,23 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], source
 
         model.rope_global = RotaryEmbedding(config.head_dim, config.rope_theta)
         model.rope_local = RotaryEmbedding(config.head_dim, config.rope_theta_local or config.rope_theta)
+    store_matrices_input_major(model)
     return model.eval()
+
+
+def store_matrices_input_major(model: Transformer) -> None:
+    """Keep every weight matrix's (out, in) shape but lay its numbers out in memory as (in, out).
+
+    Why: decoding one token is a matrix-vector product y = x·Wᵀ per matrix, bound by how fast the
+    weights stream from memory, and CPU BLAS streams the (in, out) order faster: measured here
+    ~1.2× on the layer matrices and ~2× on the 49k-row LM head (see bench/generate.py). Names,
+    shapes and results are unchanged; only the strides differ (checkpoints are saved contiguous).
+    """
+    matrices = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if model.config.lm_head and model.config.tie_embeddings:  # the embedding is also the LM head
+        matrices.append(model.token_embedding)
+    for module in matrices:
+        weight = module.weight
+        if weight.t().is_contiguous():  # already so (a checkpoint saved this way): nothing to copy
+            continue
+        module.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)

@@ -1,11 +1,16 @@
 """attnlab's own checkpoint format: a folder that never executes code when loaded.
 
-    attnlab.json       {"format": "attnlab-checkpoint", "version": 1, "config": {...}, "tokenizer": {...}}
+    attnlab.json       {"format": "attnlab-checkpoint", "version": 1, "config": {...}, "tokenizer": {...},
+                        "stored_transposed": [names]}
     model.safetensors  the weights in attnlab's parameter names
     (tokenizer files)  whatever the tokenizer's ``save`` wrote (tokenizer.json, chars.json…)
 
 The folder is written under a temporary name and renamed into place, so a reader never sees half
 a checkpoint. The same format caches GGUF files after their first (slow) dequantisation.
+
+Matrices that live in memory as (in, out) (see ``store_matrices_input_major``) are written as their
+transpose and listed in ``stored_transposed``; loading takes ``.t()`` again, a view. That way the
+memory-mapped file is used as it is, with no copy of the weights at load time.
 """
 
 import json
@@ -38,10 +43,17 @@ def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, tor
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        tensors = {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
+        tensors, transposed = {}, []
+        for name, tensor in state_dict.items():
+            tensor = tensor.detach()
+            if tensor.dim() == 2 and not tensor.is_contiguous() and tensor.t().is_contiguous():
+                tensor = tensor.t()
+                transposed.append(name)
+            tensors[name] = tensor.contiguous()
         save_file(tensors, str(staging / WEIGHTS))
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config.to_dict(),
-                    "tokenizer": tokenizer.save(staging) if tokenizer is not None else None} | (extra or {})
+                    "tokenizer": tokenizer.save(staging) if tokenizer is not None else None,
+                    "stored_transposed": transposed} | (extra or {})
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
@@ -82,4 +94,12 @@ def load_checkpoint(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
         state = load_file(str(weights))
     except (SafetensorError, OSError) as error:
         raise WeightsFormatError(f"{weights}: corrupt or truncated safetensors file ({error})") from None
+    transposed = manifest.get("stored_transposed", [])
+    if not isinstance(transposed, list) or not all(isinstance(name, str) for name in transposed):
+        raise WeightsFormatError(f"{folder / MANIFEST}: field stored_transposed must be a list of tensor names")
+    for name in transposed:
+        if name not in state or state[name].dim() != 2:
+            raise WeightsFormatError(f"{folder / MANIFEST}: stored_transposed names {name!r}, "
+                                     f"which is not a matrix in {WEIGHTS}")
+        state[name] = state[name].t()
     return config, state, manifest
