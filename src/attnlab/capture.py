@@ -29,16 +29,22 @@ CAPTURE_POINTS: tuple[str, ...] = (
     "input", "q", "k", "v", "scores", "masked_scores", "probs", "head_output", "head_contrib",
 )
 
+QUERY_HEAD_POINTS = frozenset({"q", "scores", "masked_scores", "probs", "head_output", "head_contrib"})
+
 
 class Capture:
     """Which points of which layers to record, and the recorded tensors (detached)."""
 
-    def __init__(self, points: Iterable[str] = ("probs",), layers: Iterable[int] | None = None) -> None:
+    def __init__(self, points: Iterable[str] = ("probs",), layers: Iterable[int] | None = None,
+                 heads: Iterable[int] | None = None) -> None:
+        """``layers`` / ``heads`` (query heads) limit what is kept; None keeps all. Points with a
+        query-head axis keep only ``heads`` (in the order given); input, k and v are kept whole."""
         self.points = frozenset(points)
         unknown = sorted(self.points - set(CAPTURE_POINTS))
         if unknown:
             raise ValueError(f"unknown capture points {unknown}; valid: {', '.join(CAPTURE_POINTS)}")
         self.layers = None if layers is None else frozenset(layers)
+        self.heads = None if heads is None else list(heads)
         self.tensors: dict[tuple[str, int], torch.Tensor] = {}
 
     def wants_layer(self, layer: int) -> bool:
@@ -46,6 +52,8 @@ class Capture:
 
     def record(self, point: str, layer: int, tensor: torch.Tensor) -> None:
         if point in self.points:
+            if self.heads is not None and point in QUERY_HEAD_POINTS:
+                tensor = tensor[:, self.heads]
             self.tensors[(point, layer)] = tensor.detach()
 
     def get(self, point: str, layer: int) -> torch.Tensor:

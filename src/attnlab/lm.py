@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from attnlab.capture import Capture
 from attnlab.errors import InputError, ModelNotFoundError
 from attnlab.generate import SamplingConfig, generate_token_ids, stream_text
+from attnlab.inspect.attention_map import AttentionMap, group_words
 from attnlab.model import Transformer
 from attnlab.paths import cache_dir
 from attnlab.tokenizer import HFTokenizer, Tokenizer, tokenizer_from_gguf, tokenizer_from_spec
@@ -22,7 +24,8 @@ from attnlab.weights.gguf import load_gguf, open_gguf
 from attnlab.weights.huggingface import load_hf_folder
 from attnlab.weights.registry import DEFAULT_MODEL, NAMED_MODELS, resolve_named_model
 
-CONVERTED_FORMAT = "2"  # bump when the GGUF conversion changes, so stale caches are not reused
+CONVERTED_FORMAT = "2"
+MAX_INSPECT_TOKENS = 1024  # SmolLM2: 30 layers × 9 heads × 1024² fp32 = 1.1 GB of attention maps  # bump when the GGUF conversion changes, so stale caches are not reused
 
 
 class LanguageModel:
@@ -67,6 +70,52 @@ class LanguageModel:
         hidden = self.hidden_states(ids, attention_mask=mask)
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return torch.nn.functional.normalize(pooled, dim=-1)
+
+    @torch.inference_mode()
+    def attention(self, text_or_ids: str | Sequence[int], *, layers: Sequence[int] | None = None,
+                  heads: Sequence[int] | None = None) -> AttentionMap:
+        """The attention probabilities of ``layers`` × ``heads`` (default: all) for one input.
+
+        Text is encoded with the model's special tokens (BERT's [CLS]…[SEP], Gemma's <bos>); ids are
+        used as given. Only the asked-for layers run the explicit path and keep their T×T tensors.
+        """
+        ids = self._input_ids(text_or_ids)
+        config = self.config
+        layers = list(range(config.n_layers)) if layers is None else list(layers)
+        heads = list(range(config.n_heads)) if heads is None else list(heads)
+        for name, chosen, count in (("layer", layers, config.n_layers), ("head", heads, config.n_heads)):
+            bad = [i for i in chosen if not 0 <= i < count]
+            if bad or not chosen:
+                raise InputError(f"{name} {bad[0] if bad else '(none)'} does not exist: {self.name} has {count} "
+                                 f"{name}s, numbered 0-{count - 1}")
+        capture = Capture(points=("probs",), layers=layers, heads=heads)
+        self.model(torch.tensor([ids]), capture=capture, return_hidden=True)
+        probs = torch.stack([capture.get("probs", layer)[0] for layer in layers]).float()  # (L, H, T, T)
+        tokens = self.tokenizer.token_strings(ids)
+        words, word_of_token = group_words(self.tokenizer, ids, tokens)
+        text = text_or_ids if isinstance(text_or_ids, str) else self.tokenizer.decode(ids)
+        return AttentionMap(model=self.name, text=text, token_ids=ids, tokens=tokens, words=words,
+                            word_of_token=word_of_token, layers=layers, heads=heads, probs=probs,
+                            n_query_heads=config.n_heads, n_kv_heads=config.n_kv_heads, causal=config.causal)
+
+    def _input_ids(self, text_or_ids: str | Sequence[int], limit: int = MAX_INSPECT_TOKENS) -> list[int]:
+        """Token ids of an input to inspect, checked against the context and the inspection limit."""
+        if isinstance(text_or_ids, str):
+            if not text_or_ids.strip():
+                raise InputError("the text is empty: give a sentence to look at")
+            ids = self.tokenizer.encode(text_or_ids)
+        else:
+            ids = [int(i) for i in (text_or_ids.flatten() if isinstance(text_or_ids, torch.Tensor) else text_or_ids)]
+            if not ids:
+                raise InputError("ids is empty: give at least one token")
+            bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+            if bad:
+                raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        limit = min(limit, self.config.context_length)
+        if len(ids) > limit:
+            raise InputError(f"the text is {len(ids)} tokens; attention inspection takes at most {limit} "
+                             f"(the T×T maps of every layer grow with the square of the length): shorten it")
+        return ids
 
     def prompt_ids(self, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
         """Token ids for a prompt; with ``chat`` it is wrapped in the model's chat template first."""

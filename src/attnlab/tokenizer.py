@@ -109,6 +109,7 @@ class Tokenizer(ABC):
     pad_id: int | None = None
     chat_template: str | None = None  # jinja2 source
     stop_ids: frozenset[int] = frozenset()  # generation ends on any of these
+    continuing_subword_prefix: str | None = None  # WordPiece's "##": the piece continues the previous word
 
     @abstractmethod
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
@@ -151,6 +152,10 @@ class Tokenizer(ABC):
             )
         except jinja2.TemplateError as error:  # undefined names, sandbox refusals...
             raise TokenizerError(f"chat template failed: {error}") from error
+
+    def is_special(self, token_id: int) -> bool:
+        """True for control tokens (``<|im_start|>``, ``[CLS]``, ``<bos>``…): they have no text of their own."""
+        return self.decode([token_id]) != "" and self.decode([token_id], skip_special_tokens=True) == ""
 
     def _special_text(self, token_id: int | None) -> str:
         return "" if token_id is None else self.decode([token_id])
@@ -195,6 +200,8 @@ class HFTokenizer(Tokenizer):
         self.chat_template = chat_template
         self.stop_ids = frozenset(stop_ids) if stop_ids is not None else _stop_ids(eos_id, backend.token_to_id)
         self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
+        if isinstance(backend.model, models.WordPiece):
+            self.continuing_subword_prefix = backend.model.continuing_subword_prefix
 
     @classmethod
     def from_file(cls, path: Path) -> "HFTokenizer":

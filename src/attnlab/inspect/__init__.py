@@ -1,0 +1,1 @@
+"""Looking inside attention: attention maps, explanations, pictures, the interactive page, head roles."""
