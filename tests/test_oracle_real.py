@@ -36,6 +36,15 @@ def test_smollm2_logits_and_attention_match_transformers(smollm2):
 
 
 @torch.no_grad()
+def test_smollm2_attention_map_equals_transformers(smollm2):
+    reference, lm = smollm2
+    amap = lm.attention("The cat sat on the mat because it was tired.")
+    expected = torch.stack(reference(torch.tensor([amap.token_ids]), output_attentions=True).attentions)[:, 0]
+    assert amap.tokens[7] == " it" and amap.probs.shape == (30, 9, 11, 11)
+    assert (amap.probs - expected).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
 def test_smollm2_greedy_tokens_match_for_32_steps_and_answer_paris(smollm2):
     reference, lm = smollm2
     ids = lm.prompt_ids("What is the capital of France?", chat=True)
@@ -79,6 +88,9 @@ def test_minilm_hidden_states_and_attention_match_transformers():
     capture = Capture()
     hidden = lm.model(ids, capture=capture)
     assert (hidden - expected.last_hidden_state).abs().max().item() <= 1e-3
+    amap = lm.attention("The cat sat on the mat because it was tired.")  # the inspection API, bidirectional
+    assert amap.tokens[0] == "[CLS]" and not amap.causal
+    assert (amap.probs - torch.stack(expected.attentions)[:, 0]).abs().max().item() <= 1e-4
     assert (capture.stacked("probs") - torch.stack(expected.attentions)).abs().max().item() <= 1e-4
     cats, stocks = lm.embed(["A cat sleeps on the mat.", "A kitten naps on a rug."]), lm.embed(["Stock prices fell."])
     assert float(cats[0] @ cats[1]) > float(cats[0] @ stocks[0]) + 0.3

@@ -95,3 +95,20 @@ def test_kv_cached_decode_equals_full_recomputation(pair):
     steps = [model(ids[:, :8], kv_cache=cache)]
     steps += [model(ids[:, t:t + 1], kv_cache=cache) for t in range(8, 20)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_attention_map_equals_transformers_eager_attentions(pair):
+    """lm.attention (the inspection API) shows exactly the probabilities transformers computes."""
+    from attnlab.lm import LanguageModel
+    from attnlab.tokenizer import CharTokenizer
+
+    reference, model = pair
+    lm = LanguageModel(model, CharTokenizer([chr(0x3041 + i) for i in range(VOCAB)]), "tiny")
+    ids = _ids(batch=1)
+    expected = torch.stack(reference(ids, output_attentions=True).attentions)[:, 0]  # (layers, H, T, T)
+    amap = lm.attention(ids[0].tolist())
+    assert amap.probs.shape == expected.shape
+    assert (amap.probs - expected).abs().max().item() <= 1e-4
+    some = lm.attention(ids[0].tolist(), layers=[1], heads=[2, 0])
+    assert torch.equal(some.probs[0], amap.probs[1, [2, 0]])

@@ -72,6 +72,46 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model (default: {DEFAULT_MODEL})")
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=cmd_info)
+
+    explain = commands.add_parser("explain", help="which tokens a token attends to: tables, --math, pictures, page")
+    _add_model(explain)
+    explain.add_argument("text", help="the text to look at")
+    explain.add_argument("--token", help="the query: a word of the text, or a token index (see the error list)")
+    explain.add_argument("--position", type=_positive_int, help="the query: the token covering this character")
+    explain.add_argument("--occurrence", type=int, help="which occurrence of a repeated word (1 = first)")
+    explain.add_argument("--layer", type=int, help="only this layer (default: mean over all layers)")
+    explain.add_argument("--head", type=int, help="only this query head (default: mean over all heads)")
+    explain.add_argument("--words", action="store_true",
+                         help="merge sub-word tokens into words (key pieces summed, query pieces averaged)")
+    explain.add_argument("--no-sink", action="store_true",
+                         help="set the first token (attention sink) aside and renormalise each row")
+    explain.add_argument("--top-heads", type=_positive_int, default=3, help="heads listed per key (default 3)")
+    explain.add_argument("--math", action="store_true",
+                         help="the whole arithmetic for one layer/head (default: the head that looks hardest "
+                              "at the most-attended other token)")
+    explain.add_argument("--all-dims", action="store_true", help="with --math: print every dimension")
+    explain.add_argument("--png", metavar="FILE", help="picture: one head (--layer and --head), a layer's heads "
+                                                       "(--layer), or the token across all layers × heads")
+    explain.add_argument("--svg", metavar="FILE", help="the same picture as SVG")
+    explain.add_argument("--html", metavar="FILE", help="write the interactive page (one offline file)")
+    explain.add_argument("--json", action="store_true", help="print tokens, the full probability tensor and the table")
+    explain.set_defaults(handler=cmd_explain)
+
+    heads = commands.add_parser("heads", help="score every head's role: previous-token, sink, induction, …")
+    _add_model(heads)
+    heads.add_argument("--text", help="natural text to measure the position roles on (default: a fixed paragraph)")
+    heads.add_argument("--seed", type=int, default=0, help="seed of the random repeated sequences (induction)")
+    heads.add_argument("--top", type=_positive_int, help="show only the N most clear-cut heads")
+    heads.add_argument("--png", metavar="FILE", help="picture of the roles (layers × heads)")
+    heads.add_argument("--svg", metavar="FILE", help="the same picture as SVG")
+    heads.add_argument("--json", action="store_true")
+    heads.set_defaults(handler=cmd_heads)
+
+    serve = commands.add_parser("serve", help="local web app: type a sentence, see its attention")
+    _add_model(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    serve.add_argument("--port", type=_positive_int, default=8000, help="default: 8000")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 
@@ -190,6 +230,126 @@ def cmd_info(args: argparse.Namespace) -> None:
     for field, value in rows:
         table.add_row(field, value)
     Console().print(table)
+
+
+def _check_output_path(path: str | None, suffix: str) -> None:
+    """Fail before any work if an output file cannot be written where asked."""
+    if path is None:
+        return
+    import os
+    from pathlib import Path
+
+    from attnlab.errors import InputError
+
+    if Path(path).suffix.lower() != suffix:
+        raise InputError(f"{path}: expected a file name ending in {suffix}, got {Path(path).suffix or 'no suffix'!r}")
+    folder = Path(path).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise InputError(f"{path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: folder {folder} is not writable")
+    if Path(path).is_dir():
+        raise InputError(f"{path}: is a folder, expected a file name")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    import attnlab
+    from attnlab.errors import InputError
+    from attnlab.inspect.explain import choose_query, explain, explanation_table, head_arithmetic, print_arithmetic
+
+    for path, suffix in ((args.png, ".png"), (args.svg, ".svg"), (args.html, ".html")):
+        _check_output_path(path, suffix)
+    if args.head is not None and args.layer is None and args.math:
+        raise InputError("--head needs --layer with --math (the arithmetic is for one layer and one head)")
+    lm = attnlab.load(args.model)
+    lm.check_layers_heads([0] if args.layer is None else [args.layer], [0] if args.head is None else [args.head])
+    amap = lm.attention(args.text)
+    if args.no_sink:
+        amap = amap.without_sink()
+    if args.html:
+        from attnlab.inspect.html import write_page
+
+        write_page(amap, args.html)
+        print(f"wrote {args.html}", file=sys.stderr)
+        if args.token is None and args.position is None:
+            return
+    query = choose_query(amap, token=args.token, position=args.position, occurrence=args.occurrence)
+    explanation = explain(amap, query, layers=None if args.layer is None else [args.layer],
+                          heads=None if args.head is None else [args.head], words=args.words)
+    arithmetic = None
+    if args.math:
+        layer, head = args.layer, args.head
+        if layer is None or head is None:
+            layer, head = _strongest_head(amap, explanation, layer)
+        arithmetic = head_arithmetic(lm, amap.token_ids, layer, head, query.tokens[-1])
+    if args.json:
+        data = {"attention": amap.to_json(), "explanation": explanation.to_json()}
+        if arithmetic is not None:
+            data["math"] = arithmetic.to_json()
+        print(json.dumps(data, ensure_ascii=False))
+    else:
+        console = Console()
+        console.print(explanation_table(amap, explanation, args.top_heads))
+        if arithmetic is not None:
+            print_arithmetic(console, arithmetic, amap.tokens, dims=None if args.all_dims else 8,
+                             n_heads=lm.config.n_heads, n_kv_heads=lm.config.n_kv_heads)
+    for path in (args.png, args.svg):
+        if path:
+            _save_explain_figure(amap, query.tokens, args.layer, args.head, args.words, path)
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def _strongest_head(amap, explanation, layer: int | None) -> tuple[int, int]:
+    """The head that puts the most weight on the most-attended key other than the query and the first token."""
+    candidates = [k for k in range(len(explanation.keys)) if explanation.visible[k] and k != 0
+                  and k not in (explanation.query.tokens if not explanation.words else [])]
+    if not candidates:  # the query is the first token or attends nowhere else
+        candidates = [0]
+    key = max(candidates, key=lambda k: float(explanation.weights[k]))
+    best_layer, best_head, _ = explanation.strongest_heads(key, 1)[0]
+    return (best_layer if layer is None else layer), best_head
+
+
+def _save_explain_figure(amap, query_tokens: list[int], layer: int | None, head: int | None, words: bool,
+                         path: str) -> None:
+    from attnlab.inspect.plots import head_heatmap, layer_grid, save_figure, token_overview
+
+    if layer is not None and head is not None:
+        figure = head_heatmap(amap, layer, head, words=words)
+    elif layer is not None:
+        figure = layer_grid(amap, layer, words=words)
+    else:
+        figure = token_overview(amap, query_tokens, words=words)
+    save_figure(figure, path)
+
+
+def cmd_heads(args: argparse.Namespace) -> None:
+    import attnlab
+    from attnlab.inspect.heads import score_heads
+    from attnlab.inspect.plots import save_figure
+
+    for path, suffix in ((args.png, ".png"), (args.svg, ".svg")):
+        _check_output_path(path, suffix)
+    lm = attnlab.load(args.model)
+    scores = score_heads(lm, text=args.text, seed=args.seed)
+    if args.json:
+        print(json.dumps(scores.to_json(), ensure_ascii=False))
+    else:
+        Console().print(scores.table(top=args.top))
+    for path in (args.png, args.svg):
+        if path:
+            save_figure(scores.plot(), path)
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import attnlab
+    from attnlab.inspect.server import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"attnlab: warning: listening on {args.host}: anyone who can reach this machine can use the page",
+              file=sys.stderr)
+    serve(attnlab.load(args.model), args.host, args.port)
 
 
 def _layer_summary(config) -> str:

@@ -24,8 +24,8 @@ from attnlab.weights.gguf import load_gguf, open_gguf
 from attnlab.weights.huggingface import load_hf_folder
 from attnlab.weights.registry import DEFAULT_MODEL, NAMED_MODELS, resolve_named_model
 
-CONVERTED_FORMAT = "2"
-MAX_INSPECT_TOKENS = 1024  # SmolLM2: 30 layers × 9 heads × 1024² fp32 = 1.1 GB of attention maps  # bump when the GGUF conversion changes, so stale caches are not reused
+CONVERTED_FORMAT = "2"  # bump when the GGUF conversion changes, so stale caches are not reused
+MAX_INSPECT_TOKENS = 1024  # SmolLM2: 30 layers × 9 heads × 1024² fp32 = 1.1 GB of attention maps
 
 
 class LanguageModel:
@@ -83,11 +83,7 @@ class LanguageModel:
         config = self.config
         layers = list(range(config.n_layers)) if layers is None else list(layers)
         heads = list(range(config.n_heads)) if heads is None else list(heads)
-        for name, chosen, count in (("layer", layers, config.n_layers), ("head", heads, config.n_heads)):
-            bad = [i for i in chosen if not 0 <= i < count]
-            if bad or not chosen:
-                raise InputError(f"{name} {bad[0] if bad else '(none)'} does not exist: {self.name} has {count} "
-                                 f"{name}s, numbered 0-{count - 1}")
+        self.check_layers_heads(layers, heads)
         capture = Capture(points=("probs",), layers=layers, heads=heads)
         self.model(torch.tensor([ids]), capture=capture, return_hidden=True)
         probs = torch.stack([capture.get("probs", layer)[0] for layer in layers]).float()  # (L, H, T, T)
@@ -97,6 +93,15 @@ class LanguageModel:
         return AttentionMap(model=self.name, text=text, token_ids=ids, tokens=tokens, words=words,
                             word_of_token=word_of_token, layers=layers, heads=heads, probs=probs,
                             n_query_heads=config.n_heads, n_kv_heads=config.n_kv_heads, causal=config.causal)
+
+    def check_layers_heads(self, layers: Sequence[int], heads: Sequence[int]) -> None:
+        """InputError naming the first layer or query head index this model does not have."""
+        config = self.config
+        for name, chosen, count in (("layer", layers, config.n_layers), ("head", heads, config.n_heads)):
+            bad = [i for i in chosen if not 0 <= i < count]
+            if bad or not chosen:
+                raise InputError(f"{name} {bad[0] if bad else '(none)'} does not exist: {self.name} has {count} "
+                                 f"{name}s, numbered 0-{count - 1}")
 
     def _input_ids(self, text_or_ids: str | Sequence[int], limit: int = MAX_INSPECT_TOKENS) -> list[int]:
         """Token ids of an input to inspect, checked against the context and the inspection limit."""
