@@ -21,3 +21,14 @@ def smollm2_path():
         return resolve_named_model("smollm2-135m-instruct")
     except ModelNotFoundError as error:
         pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir():
+    """Where tests keep what a person may want to look at afterwards (browser screenshots):
+    ``$ATTNLAB_TEST_ARTIFACTS``, else ``test-artifacts/`` in the repository (git-ignored)."""
+    from pathlib import Path
+
+    folder = Path(os.environ.get("ATTNLAB_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -126,3 +126,17 @@ def test_argument_errors_exit_2():
     assert result.returncode == 2 and "usage" in result.stderr
     result = run("generate", "hi", "--max-new-tokens", "-3")
     assert result.returncode == 2 and "expected an integer ≥ 0" in result.stderr
+
+
+def test_heads_scores_every_head_as_table_json_and_picture(smollm2_path, tmp_path):
+    result = run("heads", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert len(data["head_roles"]) == 30 and len(data["head_roles"][0]) == 9
+    assert data["counts"]["induction"] >= 1 and data["counts"]["previous"] >= 1
+    table = run("heads", "--top", "5", "--png", str(tmp_path / "roles.png"))
+    assert table.returncode == 0, table.stderr
+    assert "roles of all 270 heads" in table.stdout
+    assert (tmp_path / "roles.png").read_bytes()[:4] == b"\x89PNG"
+    assert_clean_error(run("heads", "--svg", str(tmp_path / "missing" / "r.svg")), "does not exist")
+    assert_clean_error(run("heads", "--model", "nope"), "nope: no such file or folder")

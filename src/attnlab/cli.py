@@ -335,7 +335,11 @@ def cmd_heads(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(scores.to_json(), ensure_ascii=False))
     else:
-        Console().print(scores.table(top=args.top))
+        console = Console()
+        console.print(scores.table(top=args.top))
+        counts = ", ".join(f"{role} {count}" for role, count in scores.counts().items())
+        console.print(f"roles of all {int(scores.scores.shape[0] * scores.scores.shape[1])} heads: {counts}",
+                      highlight=False)
     for path in (args.png, args.svg):
         if path:
             save_figure(scores.plot(), path)
@@ -346,9 +350,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import attnlab
     from attnlab.inspect.server import serve
 
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"attnlab: warning: listening on {args.host}: anyone who can reach this machine can use the page",
-              file=sys.stderr)
     serve(attnlab.load(args.model), args.host, args.port)
 
 

@@ -124,5 +124,5 @@ class AttentionMap:
             "sink_removed": self.sink_removed,
             "notes": self.notes,
             "probs_axes": ["layer", "head", "query", "key"],
-            "probs": self.probs.round(decimals=decimals).tolist(),
+            "probs": self.probs.double().round(decimals=decimals).tolist(),
         }

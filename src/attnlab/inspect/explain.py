@@ -179,7 +179,7 @@ class HeadArithmetic:
 
     def to_json(self, decimals: int = 6) -> dict:
         def plain(t: torch.Tensor) -> list:
-            return t.round(decimals=decimals).tolist()
+            return t.double().round(decimals=decimals).tolist()
 
         return {"layer": self.layer, "head": self.head, "kv_head": self.kv_head, "query": self.query,
                 "key_tokens": self.key_tokens, "x": plain(self.x), "q_before_rope": plain(self.q_before_rope),

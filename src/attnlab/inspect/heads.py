@@ -6,7 +6,9 @@ gives key *j*.
 
 **Position scores** are measured on one natural English paragraph (``DEFAULT_TEXT``, or your text),
 averaged over the queries *i* ≥ 9 (and, for encoders, *i* < T − 9), so that the band below never
-reaches the first token and every query has a real choice of keys:
+reaches the first token and every query has a real choice of keys. The text must have at least 48
+tokens (the default has about 80): on shorter ones a head that spreads its weight evenly would put
+7/(i + 1) of it in the local band by chance and read as local.
 
 - ``previous``: p(i, i−1), the token just before.
 - ``next`` (encoders only, where the future is visible): p(i, i+1).
@@ -38,11 +40,15 @@ the row goes to that one key.
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnlab.errors import InputError
+from attnlab.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # lm.py may one day offer head roles itself: no import cycle at run time
+    from attnlab.lm import LanguageModel
 
 DEFAULT_TEXT = (
     "The old lighthouse keeper climbed the narrow stairs every evening to light the lamp. From the top "
@@ -52,6 +58,7 @@ DEFAULT_TEXT = (
 )
 
 FIRST_QUERY = 9  # queries before this are skipped: the local band (up to 8 behind) must not reach token 0
+MIN_TOKENS = 48  # below this a uniform head puts ≥ 0.3 of its weight in the local band by chance alone
 LOCAL_BAND = (2, 8)  # distances i − j counted as "local"
 POSITION_ROLES = ("previous", "next", "current", "first", "local")
 THRESHOLDS = {"induction": 0.3, **dict.fromkeys(POSITION_ROLES, 0.4), "broad": 0.7}
@@ -63,10 +70,9 @@ ROLE_COLOURS = {"previous": "#4c72b0", "next": "#64b5cd", "current": "#55a868", 
 def pattern_scores(probs: torch.Tensor, *, causal: bool) -> dict[str, torch.Tensor]:
     """Position scores and ``broad`` of every head, each (L, H), from probs (L, H, T, T) of one text."""
     n_tokens = probs.shape[-1]
+    if n_tokens < MIN_TOKENS:
+        raise InputError(f"the text is {n_tokens} tokens; head scores need at least {MIN_TOKENS}: give a longer text")
     queries = torch.arange(FIRST_QUERY, n_tokens - (0 if causal else FIRST_QUERY))
-    minimum = FIRST_QUERY + 1 if causal else 2 * FIRST_QUERY + 1
-    if len(queries) == 0:
-        raise InputError(f"the text is {n_tokens} tokens; head scores need at least {minimum}: give a longer text")
     rows = probs[:, :, queries]  # (L, H, Q, T)
     keys = torch.arange(n_tokens)
     distance = queries[:, None] - keys[None, :]  # (Q, T): i − j
@@ -95,7 +101,7 @@ def induction_scores(probs: torch.Tensor, half_length: int, offset: int) -> torc
     return probs[:, :, queries, queries - half_length + 1].mean(-1)
 
 
-def repeated_random_sequences(tokenizer, vocab_size: int, *, n_sequences: int, half_length: int,
+def repeated_random_sequences(tokenizer: Tokenizer, vocab_size: int, *, n_sequences: int, half_length: int,
                               seed: int) -> list[list[int]]:
     """``[BOS] r1 … rn r1 … rn`` with distinct ordinary tokens r (module docstring), reproducible from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
@@ -115,7 +121,7 @@ def repeated_random_sequences(tokenizer, vocab_size: int, *, n_sequences: int, h
     return sequences
 
 
-def _is_ordinary(tokenizer, token_id: int) -> bool:
+def _is_ordinary(tokenizer: Tokenizer, token_id: int) -> bool:
     """A token with letters in its text that is not a control token: rules out byte pieces and markup."""
     return not tokenizer.is_special(token_id) and any(c.isalpha() for c in tokenizer.decode([token_id]))
 
@@ -159,7 +165,7 @@ class HeadScores:
             "model": self.model,
             "roles": list(self.roles),
             "scores_axes": ["layer", "head", "role"],
-            "scores": self.scores.round(decimals=decimals).tolist(),
+            "scores": self.scores.double().round(decimals=decimals).tolist(),
             "head_roles": self.head_roles,
             "counts": self.counts(),
             "thresholds": {role: THRESHOLDS[role] for role in self.roles},
@@ -208,7 +214,7 @@ class HeadScores:
         grid = torch.tensor([[names.index(name) for name in row] for row in self.head_roles])
         fig = new_figure(2.6 + 0.55 * n_heads, 1.4 + 0.3 * n_layers)
         ax = fig.add_subplot()
-        ax.imshow(grid, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5, aspect="auto",
+        ax.imshow(grid.numpy(), cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5, aspect="auto",
                   interpolation="nearest")
         for layer in range(n_layers):
             for head in range(n_heads):
@@ -224,11 +230,10 @@ class HeadScores:
         counts = self.counts()
         handles = [Patch(color=colour, label=f"{name} ({counts[name]})") for name, colour in zip(names, colours)]
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
-        fig.tight_layout()
         return fig
 
 
-def score_heads(lm, *, text: str | None = None, seed: int = 0, n_sequences: int = 4,
+def score_heads(lm: "LanguageModel", *, text: str | None = None, seed: int = 0, n_sequences: int = 4,
                 half_length: int = 32) -> HeadScores:
     """Score every head of ``lm`` for each role and give it one (module docstring for the method)."""
     if n_sequences < 1 or half_length < 2:

@@ -18,6 +18,9 @@ from attnlab.inspect.attention_map import AttentionMap
 from attnlab.paths import atomic_write_text
 
 EXAMPLE_TEXT = "The cat sat on the mat because it was tired."
+# The page holds layers × heads × T² weights as JSON (~8 bytes each): 30 × 9 × 128² ≈ 4.4 M numbers,
+# ~35 MB for SmolLM2, about what a browser tab handles smoothly.
+VIEWER_MAX_TOKENS = 128
 
 _PAGE = Template("""<!DOCTYPE html>
 <html lang="en">
@@ -88,7 +91,7 @@ def _static(name: str) -> str:
     return (files("attnlab.inspect") / "static" / name).read_text(encoding="utf-8")
 
 
-def script_json(data: object) -> str:
+def _script_json(data: object) -> str:
     """JSON that is safe inside a ``<script>`` element.
 
     ``<`` ``>`` and ``&`` become ``\\u`` escapes, so no string in the data (a token ``"</script>"``) can
@@ -110,7 +113,7 @@ def render_page(attention_map: AttentionMap | None, *, title: str = "attnlab att
         text = attention_map.text if attention_map is not None else EXAMPLE_TEXT
         live_form = _LIVE_FORM.substitute(text=html.escape(text))
     return _PAGE.substitute(title=html.escape(title), css=_static("viewer.css"), js=_static("viewer.js"),
-                            live="true" if live else "false", live_form=live_form, data=script_json(data))
+                            live="true" if live else "false", live_form=live_form, data=_script_json(data))
 
 
 def write_page(attention_map: AttentionMap, path: str | Path, *, title: str = "attnlab attention") -> None:
@@ -119,9 +122,12 @@ def write_page(attention_map: AttentionMap, path: str | Path, *, title: str = "a
     The folder must exist: a typo in it should be an error, not a new folder tree somewhere.
     """
     path = Path(path)
+    if len(attention_map.tokens) > VIEWER_MAX_TOKENS:
+        raise InputError(f"the text is {len(attention_map.tokens)} tokens; the page takes at most "
+                         f"{VIEWER_MAX_TOKENS}: shorten it")
     if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist; create it or choose "
-                         f"another path")
+        problem = "is not a folder" if path.parent.exists() else "does not exist"
+        raise InputError(f"cannot write {path}: {path.parent} {problem}; create the folder or choose another path")
     page = render_page(attention_map, title=title)
     try:
         atomic_write_text(path, page)

@@ -28,7 +28,7 @@ def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height), layout="constrained")  # room for rotated labels and colour bars
     FigureCanvasAgg(fig)
     return fig
 
@@ -53,7 +53,6 @@ def head_heatmap(amap: AttentionMap, layer: int, head: int, *, words: bool = Fal
     fig.colorbar(image, ax=ax, label="attention weight", shrink=0.8)
     ax.set_title(f"{amap.model} · layer {layer} · head {head}{_kv_note(amap, head)}\n{_axes_statement(unit)}"
                  f"{_sink_note(amap)}", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -103,17 +102,19 @@ def token_overview(amap: AttentionMap, query_tokens: list[int], *, words: bool =
         rows = rows @ membership  # (L, H, W): key pieces summed
     n_layers, n_heads = rows.shape[:2]
     matrix = rows.reshape(n_layers * n_heads, -1)
+    if amap.causal and not words:  # keys after the last query token are out of its sight: blank, not 0
+        matrix[:, max(query_tokens) + 1:] = float("nan")
     width = min(max(0.3 * len(labels) + 2.5, 6.0), 20.0)
     height = 2.0 + 0.11 * len(matrix)
     fig = new_figure(width, height)
     ax = fig.add_subplot()
-    image = _draw(ax, matrix, vmax=float(matrix.max()))
+    image = _draw(ax, matrix, vmax=float(matrix.nan_to_num().max()))
     key_fontsize = _fontsize(len(labels), width - 2.0)
     ax.set_xticks(range(len(labels)), [token_label(t) for t in labels], rotation=90, fontsize=key_fontsize,
                   parse_math=False)
     ax.tick_params(axis="x", labeltop=True, top=True)  # a tall figure: key labels above and below
     ax.set_yticks(range(len(matrix)), [f"L{layer} H{head}" for layer in amap.layers for head in amap.heads],
-                  fontsize=5)
+                  fontsize=5.5)
     for boundary in range(1, n_layers):
         ax.axhline(boundary * n_heads - 0.5, color="black", linewidth=0.6)
     ax.set_xlabel(f"key (attended-to) {unit}")
@@ -122,8 +123,7 @@ def token_overview(amap: AttentionMap, query_tokens: list[int], *, words: bool =
     query = "".join(amap.tokens[t] for t in query_tokens)
     ax.set_title(f"{amap.model} · query {query!r} (token {', '.join(map(str, query_tokens))}) in every layer "
                  f"and head\nrows: layer and head of the query, columns: key (attended-to) {unit}{_sink_note(amap)}",
-                 fontsize=9, pad=40)
-    fig.tight_layout()
+                 fontsize=9)
     return fig
 
 
@@ -202,4 +202,4 @@ def _kv_note(amap: AttentionMap, head: int) -> str:
 
 
 def _sink_note(amap: AttentionMap) -> str:
-    return " · first token set aside (sink removed), rows renormalised" if amap.sink_removed else ""
+    return "\nfirst token set aside (attention sink removed), rows renormalised" if amap.sink_removed else ""
