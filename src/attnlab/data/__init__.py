@@ -1,0 +1,1 @@
+"""Training and evaluation data: shipped corpora, and text turned into token files."""
