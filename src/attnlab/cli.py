@@ -11,7 +11,9 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.table import Table
 
+from attnlab.data.corpora import CORPORA
 from attnlab.errors import AttnlabError
+from attnlab.evaluate import BOS_MODES
 from attnlab.weights.registry import DEFAULT_MODEL
 
 EXIT_USAGE = 2
@@ -106,6 +108,39 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--svg", metavar="FILE", help="the same picture as SVG")
     heads.add_argument("--json", action="store_true")
     heads.set_defaults(handler=cmd_heads)
+
+    evaluate = commands.add_parser("eval", help="perplexity and bits per byte on a text, in sliding windows")
+    _add_model(evaluate)
+    text_source = evaluate.add_mutually_exclusive_group(required=True)
+    text_source.add_argument("--text", metavar="FILE", help="a UTF-8 text file (or a folder of .txt files)")
+    text_source.add_argument("--corpus", metavar="NAME", help="a named corpus: " + ", ".join(CORPORA))
+    evaluate.add_argument("--context", type=_positive_int, help="tokens per window (default: min(1024, model's))")
+    evaluate.add_argument("--stride", type=_positive_int,
+                          help="tokens a window advances; each scores only tokens no earlier window scored "
+                               "(default: context // 2)")
+    evaluate.add_argument("--bos", choices=BOS_MODES, default="auto",
+                          help="prepend BOS to every window: auto (default) = when the tokenizer adds one "
+                               "itself (Gemma), not for SmolLM2 or char models; with a BOS the first token "
+                               "is scored too")
+    evaluate.add_argument("--max-tokens", type=_positive_int, help="score only the first N tokens of the text")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    sample = commands.add_parser("sample", help="several sampled continuations of a prompt (e.g. a trained checkpoint)")
+    sample_model = sample.add_mutually_exclusive_group()
+    sample_model.add_argument("checkpoint", nargs="?", metavar="CKPT",
+                              help="attnlab checkpoint folder, or any model --model takes")
+    sample_model.add_argument("--model", "-m", help=f"the same as CKPT (default: {DEFAULT_MODEL})")
+    sample.add_argument("--prompt", "-p", help="text to continue (default: a newline, or the vocabulary's first "
+                                               "token when the tokenizer has no newline)")
+    sample.add_argument("--num-samples", type=_positive_int, default=3, help="default: 3")
+    sample.add_argument("--max-new-tokens", "-n", type=_positive_int, default=256, help="default: 256")
+    sample.add_argument("--temperature", "-t", type=float, default=0.8, help="default: 0.8 (0 = greedy)")
+    sample.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    sample.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass ≥ p")
+    sample.add_argument("--seed", type=int, default=None, help="sample i uses seed S + i: a run is reproducible")
+    sample.add_argument("--json", action="store_true")
+    sample.set_defaults(handler=cmd_sample)
 
     serve = commands.add_parser("serve", help="local web app: type a sentence, see its attention")
     _add_model(serve)
@@ -351,6 +386,83 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from attnlab.inspect.server import serve
 
     serve(attnlab.load(args.model), args.host, args.port)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import attnlab
+    from attnlab.evaluate import perplexity
+
+    text, source = _eval_text(args)
+    lm = attnlab.load(args.model)
+    result = perplexity(lm, text, context=args.context, stride=args.stride, bos=args.bos,
+                        max_tokens=args.max_tokens, source=source, progress=True)
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+        return
+    rows = [
+        ("model", result.model),
+        ("source", result.source),
+        ("tokens scored", f"{result.tokens_scored:,} of {result.tokens:,}"),
+        ("windows", f"{result.windows:,}"),
+        ("context / stride", f"{result.context} / {result.stride}"),
+        ("BOS", "yes" if result.bos else "no"),
+        ("mean NLL", f"{result.mean_nll:.4f} nats/token"),
+        ("perplexity", f"{result.perplexity:.3f}"),
+        ("bits per byte", f"{result.bits_per_byte:.4f} ({result.bytes:,} bytes)"),
+    ]
+    table = Table(title="perplexity", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for field, value in rows:
+        table.add_row(field, value)
+    Console().print(table)
+
+
+def _eval_text(args: argparse.Namespace) -> tuple[str, str]:
+    """The text ``eval`` scores and its name: a named corpus, or a file/folder (never mistaken for a corpus)."""
+    from pathlib import Path
+
+    from attnlab.data.corpora import read_corpus
+    from attnlab.errors import InputError
+
+    if args.corpus is not None:
+        if args.corpus not in CORPORA:
+            raise InputError(f"unknown corpus {args.corpus!r}; named corpora: {', '.join(CORPORA)} "
+                             f"(for a file of your own use --text FILE)")
+        return read_corpus(args.corpus), args.corpus
+    path = Path(args.text).expanduser()
+    if not path.exists():
+        raise InputError(f"{args.text}: no such file")
+    return read_corpus(str(path.resolve())), args.text  # resolved: a file named "sotu" is read as a file
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import attnlab
+    from attnlab.errors import TokenizerError
+
+    lm = attnlab.load(args.checkpoint or args.model or DEFAULT_MODEL)
+    if args.prompt is not None:
+        ids, prompt = lm.prompt_ids(args.prompt), args.prompt
+    else:
+        try:
+            ids = lm.tokenizer.encode("\n")
+        except TokenizerError:  # a char-level vocabulary without a newline
+            ids = [0]
+        prompt = lm.tokenizer.decode(ids, skip_special_tokens=True)
+    samples = []
+    for index in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + index
+        text = "".join(lm.stream_ids(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=seed))
+        samples.append({"seed": seed, "text": text})
+    if args.json:
+        print(json.dumps({"model": lm.name, "prompt": prompt, "samples": samples}, ensure_ascii=False))
+        return
+    console = Console()
+    for index, sample in enumerate(samples):
+        if index:
+            console.rule(style="dim")
+        console.print(prompt + sample["text"], markup=False, highlight=False)
 
 
 def _layer_summary(config) -> str:
