@@ -140,3 +140,29 @@ def test_heads_scores_every_head_as_table_json_and_picture(smollm2_path, tmp_pat
     assert (tmp_path / "roles.png").read_bytes()[:4] == b"\x89PNG"
     assert_clean_error(run("heads", "--svg", str(tmp_path / "missing" / "r.svg")), "does not exist")
     assert_clean_error(run("heads", "--model", "nope"), "nope: no such file or folder")
+
+
+def test_serve_answers_on_localhost_and_stops_on_ctrl_c(smollm2_path):
+    import re
+    import signal
+    import urllib.request
+
+    env = os.environ | {"PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "attnlab.cli", "serve", "--port", "0"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = server.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        page = urllib.request.urlopen(url, timeout=60).read().decode()
+        assert "attnlab attention" in page and "<script" in page
+        request = urllib.request.Request(url + "api/attention", data=json.dumps({"text": "The cat sat."}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        data = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        assert data["tokens"] == ["The", " cat", " sat", "."]
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.kill()
+        server.wait()
+    assert "Traceback" not in server.stderr.read()
+    assert_clean_error(run("serve", "--model", "nope"), "nope: no such file or folder")

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(heads)
     heads.add_argument("--text", help="natural text to measure the position roles on (default: a fixed paragraph)")
     heads.add_argument("--seed", type=int, default=0, help="seed of the random repeated sequences (induction)")
-    heads.add_argument("--top", type=_positive_int, help="show only the N most clear-cut heads")
+    heads.add_argument("--top", type=_positive_int, help="show only the N strongest heads of each role")
     heads.add_argument("--png", metavar="FILE", help="picture of the roles (layers × heads)")
     heads.add_argument("--svg", metavar="FILE", help="the same picture as SVG")
     heads.add_argument("--json", action="store_true")
@@ -114,15 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     text_source = evaluate.add_mutually_exclusive_group(required=True)
     text_source.add_argument("--text", metavar="FILE", help="a UTF-8 text file (or a folder of .txt files)")
     text_source.add_argument("--corpus", metavar="NAME", help="a named corpus: " + ", ".join(CORPORA))
-    evaluate.add_argument("--context", type=_positive_int, help="tokens per window (default: min(1024, model's))")
-    evaluate.add_argument("--stride", type=_positive_int,
+    evaluate.add_argument("--context", type=_positive_int, metavar="N",
+                          help="tokens per window (default: min(1024, model's))")
+    evaluate.add_argument("--stride", type=_positive_int, metavar="S",
                           help="tokens a window advances; each scores only tokens no earlier window scored "
                                "(default: context // 2)")
     evaluate.add_argument("--bos", choices=BOS_MODES, default="auto",
                           help="prepend BOS to every window: auto (default) = when the tokenizer adds one "
                                "itself (Gemma), not for SmolLM2 or char models; with a BOS the first token "
                                "is scored too")
-    evaluate.add_argument("--max-tokens", type=_positive_int, help="score only the first N tokens of the text")
+    evaluate.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                          help="score only the first N tokens of the text (bits per byte: of those tokens' text)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -133,12 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample_model.add_argument("--model", "-m", help=f"the same as CKPT (default: {DEFAULT_MODEL})")
     sample.add_argument("--prompt", "-p", help="text to continue (default: a newline, or the vocabulary's first "
                                                "token when the tokenizer has no newline)")
-    sample.add_argument("--num-samples", type=_positive_int, default=3, help="default: 3")
-    sample.add_argument("--max-new-tokens", "-n", type=_positive_int, default=256, help="default: 256")
+    sample.add_argument("--num-samples", type=_positive_int, default=3, metavar="N", help="default: 3")
+    sample.add_argument("--max-new-tokens", "-n", type=_positive_int, default=256, metavar="N", help="default: 256")
     sample.add_argument("--temperature", "-t", type=float, default=0.8, help="default: 0.8 (0 = greedy)")
     sample.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     sample.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass ≥ p")
-    sample.add_argument("--seed", type=int, default=None, help="sample i uses seed S + i: a run is reproducible")
+    sample.add_argument("--seed", type=int, default=None, metavar="S",
+                        help="sample i uses seed S + i: a run is reproducible")
     sample.add_argument("--json", action="store_true")
     sample.set_defaults(handler=cmd_sample)
 

@@ -180,7 +180,7 @@ class LanguageModel:
 
 
 def load(source: str | Path = DEFAULT_MODEL, *, use_cache: bool = True) -> LanguageModel:
-    """Load a model by name, .gguf path, Hugging Face folder or attnlab checkpoint folder.
+    """Load a model by name, .gguf path, Hugging Face folder, attnlab checkpoint or training run folder.
 
     GGUF files are dequantised to fp32 once and cached as an attnlab checkpoint (``use_cache``),
     because parsing and dequantising a GGUF takes seconds that nobody should pay at every start.
@@ -197,6 +197,8 @@ def load(source: str | Path = DEFAULT_MODEL, *, use_cache: bool = True) -> Langu
         if path.suffix != ".gguf":
             raise ModelNotFoundError(f"{path}: expected a .gguf file, a Hugging Face folder or an attnlab checkpoint")
         return _load_gguf(path, name, use_cache)
+    if not is_checkpoint(path) and is_checkpoint(path / "checkpoint"):  # a training run's folder
+        path = path / "checkpoint"
     if is_checkpoint(path):
         config, state, manifest = load_checkpoint(path)
         if manifest.get("tokenizer") is None:

@@ -173,22 +173,24 @@ class HeadScores:
         }
 
     def _ranked_heads(self, top: int | None) -> list[tuple[int, int]]:
-        """All heads in model order, or the ``top`` strongest classified ones (by the score of their role)."""
+        """All heads in model order, or for each role its ``top`` heads with the highest score for it."""
         every = [(layer, head) for layer in range(self.scores.shape[0]) for head in range(self.scores.shape[1])]
         if top is None:
             return every
-        classified = [(layer, head) for layer, head in every if self.head_roles[layer][head] != MIXED]
-        classified.sort(key=lambda lh: -self.score(*lh, self.head_roles[lh[0]][lh[1]]))
-        return classified[:top]
+        chosen = []
+        for role in self.roles:
+            members = [(layer, head) for layer, head in every if self.head_roles[layer][head] == role]
+            chosen += sorted(members, key=lambda lh: -self.score(*lh, role))[:top]
+        return chosen
 
     def table(self, top: int | None = None):
         """A rich Table: layer, head, role, every score to 2 decimals (the role's own in bold).
 
-        ``top``: only the ``top`` classified heads with the highest score for their role.
+        ``top``: for each role, only its ``top`` heads with the highest score for that role.
         """
         from rich.table import Table
 
-        title = f"Head roles of {self.model}" + ("" if top is None else f" (top {top})")
+        title = f"Head roles of {self.model}" + ("" if top is None else f" (the {top} strongest heads of each role)")
         table = Table(title=title)
         for name in ("layer", "head", "role"):
             table.add_column(name, justify="left" if name == "role" else "right")

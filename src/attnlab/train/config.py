@@ -98,9 +98,11 @@ _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size",
 _SECTIONS = {"data": DataConfig, "train": TrainLoopConfig}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # nanoGPT's CPU baseline on Shakespeare (its config/train_shakespeare_char.py with the CPU overrides).
+    # nanoGPT's CPU baseline on Shakespeare (its config/train_shakespeare_char.py with the CPU overrides;
+    # like nanoGPT: exact GELU, no biases in the linear layers).
     "shakespeare-char": {
-        "model": {"family": "gpt2", "n_layers": 4, "n_heads": 4, "d_model": 128},
+        "model": {"family": "gpt2", "n_layers": 4, "n_heads": 4, "d_model": 128, "activation": "gelu",
+                  "qkv_bias": False, "out_bias": False, "mlp_bias": False},
         "data": {"corpus": "shakespeare", "tokenizer": "char", "context": 64},
         "train": {"batch_size": 12, "max_steps": 2000, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100,
                   "out_dir": "runs/shakespeare-char"},

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,8 +38,9 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer,
-                    extra: dict | None = None) -> Path:
-    """Write a checkpoint folder atomically (temp folder + rename). ``tokenizer`` may be None."""
+                    extra: dict | None = None, write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint folder atomically (temp folder + rename). ``tokenizer`` may be None;
+    ``write_extra(staging_folder)`` adds files (a trainer's optimizer state) before the rename."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
@@ -55,6 +57,8 @@ def save_checkpoint(folder: Path, config: ModelConfig, state_dict: dict[str, tor
                     "tokenizer": tokenizer.save(staging) if tokenizer is not None else None,
                     "stored_transposed": transposed} | (extra or {})
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if write_extra is not None:
+            write_extra(staging)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
             os.replace(folder, old)
