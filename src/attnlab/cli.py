@@ -5,6 +5,7 @@ Every AttnlabError becomes one line on stderr (``attnlab: error: …``) and exit
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ from rich.table import Table
 from attnlab.data.corpora import CORPORA
 from attnlab.errors import AttnlabError
 from attnlab.evaluate import BOS_MODES
+from attnlab.train.config import PRESETS
 from attnlab.weights.registry import DEFAULT_MODEL
 
 EXIT_USAGE = 2
@@ -150,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
     serve.add_argument("--port", type=_positive_int, default=8000, help="default: 8000")
     serve.set_defaults(handler=cmd_serve)
+
+    train = commands.add_parser("train", help="train a transformer from scratch (a TOML config or a preset)")
+    train.add_argument("config", nargs="?", help="TOML run config (tables [model], [data], [train])")
+    train.add_argument("--preset", help="a built-in run: " + ", ".join(PRESETS))
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                       help="override one config key, e.g. --set train.max_steps=500 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace the run in train.out_dir")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to the run)")
+    train.set_defaults(handler=cmd_train)
     return parser
 
 
@@ -468,6 +480,42 @@ def cmd_sample(args: argparse.Namespace) -> None:
         console.print(prompt + sample["text"], markup=False, highlight=False)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from attnlab.data.corpora import read_corpus
+    from attnlab.train.config import load_run_config
+    from attnlab.train.data import TokenData
+    from attnlab.train.trainer import check_out_dir, train
+
+    config = load_run_config(args.config, args.preset, args.overrides)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:  # refuse a wrong output folder before spending time on the data
+        check_out_dir(Path(config.train.out_dir), config, resume=args.resume, overwrite=args.overwrite)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if main_process else (lambda text: None)
+    data = TokenData.prepare(read_corpus(config.data.corpus), config.data.tokenizer, config.data.context,
+                             config.data.val_fraction, config.train.seed, config.data.corpus)
+    model_config = config.model_config(data.tokenizer.vocab_size)
+    t = config.train
+    say(f"attnlab train: {model_config.family}-style, {model_config.n_layers} layers × {model_config.n_heads} heads, "
+        f"d {model_config.d_model}, {model_config.n_parameters() / 1e6:.2f} M parameters; {config.data.corpus}: "
+        f"{len(data.train):,} train / {len(data.val):,} val tokens ({config.data.tokenizer}); "
+        f"{t.max_steps} steps × {t.batch_size * t.grad_accum} × {config.data.context} tokens → {t.out_dir}")
+    result = train(config, data, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if not main_process:
+        return 0
+    if result.interrupted:
+        command = "attnlab " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("--overwrite", "--resume"))
+        say(f"stopped at step {result.step}; checkpoint saved in {t.out_dir}/checkpoint. "
+            f"Resume with: {command} --resume")
+        return 130
+    val = f"val loss {result.val_loss:.4f}, " if result.val_loss is not None else ""
+    say(f"done: step {result.step}, {val}{result.seconds:.0f} s, {result.tokens_per_second:,.0f} tokens/s. "
+        f"Run folder {t.out_dir} (metrics.jsonl, loss.png, checkpoint/). Try: attnlab sample {t.out_dir}")
+    return 0
+
+
 def _layer_summary(config) -> str:
     if not config.layer_types or "local" not in config.layer_types:
         return f"all {config.n_layers} global" + ("" if config.causal else " (bidirectional)")
@@ -481,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
-        handler(args)
+        status = handler(args)
     except AttnlabError as error:
         print(f"attnlab: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -490,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

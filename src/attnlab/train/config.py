@@ -69,6 +69,9 @@ class RunConfig:
         family = settings.pop("family", "gpt2")
         d_model = settings.get("d_model", 128)
         n_heads = settings.get("n_heads", 4)
+        if "head_dim" not in settings and d_model % n_heads:
+            raise InputError(f"[model]: d_model {d_model} is not divisible by n_heads {n_heads}; change one, "
+                             f"or set model.head_dim to choose the head size explicitly")
         defaults = FAMILY_DEFAULTS[family] | {
             "d_model": d_model, "n_layers": 4, "n_heads": n_heads, "n_kv_heads": n_heads,
             "head_dim": d_model // n_heads,

@@ -112,7 +112,10 @@ class Distributed:
         return cls(rank, world_size, device)
 
     def close(self) -> None:
+        """Leave the group together: a rank that exits while rank 0 still evaluates or writes would break
+        the group under it."""
         if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -150,8 +153,8 @@ class StopRequest:
             signal.signal(signal.SIGINT, previous)
 
 
-def prepare_out_dir(out_dir: Path, config: RunConfig, *, resume: bool, overwrite: bool) -> dict | None:
-    """Check the output folder; return the checkpoint's training state when resuming.
+def check_out_dir(out_dir: Path, config: RunConfig, *, resume: bool, overwrite: bool) -> dict | None:
+    """Check the output folder, changing nothing; return the checkpoint's training state when resuming.
 
     A folder holding another run is never touched without --resume or --overwrite: a typo must not
     destroy a day's training.
@@ -177,8 +180,15 @@ def prepare_out_dir(out_dir: Path, config: RunConfig, *, resume: bool, overwrite
         if not run_file.exists():
             raise InputError(f"{out_dir} is not an attnlab run folder; --overwrite only replaces runs, "
                              f"choose another train.out_dir")
-        shutil.rmtree(out_dir)
     return None
+
+
+def prepare_out_dir(out_dir: Path, config: RunConfig, *, resume: bool, overwrite: bool) -> dict | None:
+    """:func:`check_out_dir`, then clear the old run when --overwrite asked for it."""
+    state = check_out_dir(out_dir, config, resume=resume, overwrite=overwrite)
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    return state
 
 
 def train(config: RunConfig, data: TokenData, *, resume: bool = False, overwrite: bool = False,
@@ -241,6 +251,10 @@ class _Trainer:
                 loss = self._train_step()
                 self.step += 1
                 window_loss, window_steps = window_loss + loss, window_steps + 1
+                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                    eval_start = time.perf_counter()
+                    last = self._evaluate()
+                    window_start += time.perf_counter() - eval_start  # tokens/s counts training time only
                 if self.step % t.log_interval == 0 or self.step == t.max_steps:
                     elapsed = time.perf_counter() - window_start
                     rate = window_steps * tokens_per_step / elapsed
@@ -248,8 +262,6 @@ class _Trainer:
                                "lr": learning_rate(self.step - 1, t), "tokens_per_s": round(rate, 1)})
                     advance(self.step, window_loss / window_steps, rate, last["val"])
                     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                    last = self._evaluate()
                 if self.step % t.checkpoint_interval == 0 or self.step == t.max_steps:
                     self._save()
                 if stop.requested:
