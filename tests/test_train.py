@@ -257,3 +257,9 @@ def test_two_processes_and_one_give_the_same_parameters(tmp_path):
     assert result.stderr.count("done: step 6") == 1  # only rank 0 reports (and writes)
     a, b = final_parameters(single), final_parameters(double)
     assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-5
+
+
+def test_the_example_config_is_the_preset_written_out():
+    example = Path(__file__).resolve().parents[1] / "examples" / "shakespeare-char.toml"
+    written, preset = load_run_config(str(example)), load_run_config(preset="shakespeare-char")
+    assert config_differences(written.to_dict(), preset.to_dict()) == []

@@ -31,6 +31,7 @@ class ModelConfig:
     # "sandwich": x + norm(f(norm(x))) (Gemma-3).
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm's additive b (RMSNorm has none)
     norm_unit_offset: bool = False  # Gemma's RMSNorm scales by (1 + w) instead of w
     norm_placement: Literal["pre", "post", "sandwich"] = "pre"
 
@@ -119,7 +120,7 @@ class ModelConfig:
         mlp = (3 if self.mlp == "glu" else 2) * d * self.d_ff
         if self.mlp_bias:
             mlp += self.d_ff * (2 if self.mlp == "glu" else 1) + d
-        norm_size = d * (2 if self.norm == "layernorm" else 1)
+        norm_size = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
         norms_per_block = 4 if self.norm_placement == "sandwich" else 2
         total = self.n_layers * (attention + mlp + norms_per_block * norm_size)
         total += self.vocab_size * d

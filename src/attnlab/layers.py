@@ -28,13 +28,13 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm (Ba et al., 2016): (x − mean) / sqrt(var + ε) · w + b."""
+    """LayerNorm (Ba et al., 2016): (x − mean) / sqrt(var + ε) · w + b (b optional: nanoGPT drops it)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, bias: bool = True) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
@@ -44,7 +44,7 @@ def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     """The norm the config asks for, over ``dim`` features (d_model unless given)."""
     dim = config.d_model if dim is None else dim
     if config.norm == "layernorm":
-        return LayerNorm(dim, config.norm_eps)
+        return LayerNorm(dim, config.norm_eps, config.norm_bias)
     return RMSNorm(dim, config.norm_eps, config.norm_unit_offset)
 
 
