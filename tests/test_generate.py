@@ -60,3 +60,29 @@ def test_generation_refuses_an_encoder():
                          norm_placement="post", mlp="gelu", activation="gelu")
     with pytest.raises(InputError, match="encoder"):
         next(generate_token_ids(Transformer(config), [1, 2, 3], max_new_tokens=2))
+
+
+def test_generation_continues_past_the_context_on_its_recent_half():
+    """A small trained model (context 16 here) still writes long samples; each token is what a full
+    recomputation over the same window gives."""
+    from attnlab.config import ModelConfig
+    from attnlab.generate import generate_token_ids
+    from attnlab.model import Transformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(family="gpt2", vocab_size=20, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8,
+                         d_ff=32, context_length=16, norm="layernorm", mlp="gelu", positions="learned")
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        model.token_embedding.weight.mul_(20)  # a random model with some preference between tokens
+    prompt = [1, 2, 3]
+    tokens = list(generate_token_ids(model, prompt, max_new_tokens=40))
+    assert len(tokens) == 40
+    sequence, window_start = list(prompt), 0
+    for token in tokens:
+        if len(sequence) - window_start > config.context_length:  # the cache was full: keep the recent half
+            window_start = len(sequence) - config.context_length // 2
+        with torch.no_grad():
+            expected = int(model(torch.tensor([sequence[window_start:]]))[0, -1].argmax())
+        assert token == expected
+        sequence.append(token)

@@ -55,7 +55,11 @@ def sample_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator:
 def generate_token_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int,
                        sampling: SamplingConfig = SamplingConfig(),
                        stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
-    """Yield new token ids one at a time; stops after a stop id (yielded) or max_new_tokens."""
+    """Yield new token ids one at a time; stops after a stop id (yielded) or max_new_tokens.
+
+    Generation may run past the model's context: when it is full, decoding continues on its most
+    recent half (positions restart, as they must for a model trained on windows of that length).
+    """
     config = model.config
     if not config.lm_head:
         raise InputError(f"a {config.family} encoder has no language-model head: it cannot generate text")
@@ -66,22 +70,33 @@ def generate_token_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new
     if len(prompt_ids) > config.context_length:
         raise InputError(f"the prompt is {len(prompt_ids)} tokens, longer than the model's context of "
                          f"{config.context_length}; shorten it")
-    max_new_tokens = min(max_new_tokens, config.context_length - len(prompt_ids))
     if max_new_tokens == 0:
         return
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator().manual_seed(sampling.seed)
     weight = model.output_weight()
-    cache = KVCache(config.n_layers, 1, config.n_kv_heads, len(prompt_ids) + max_new_tokens, config.head_dim,
-                    dtype=weight.dtype, device=weight.device)
-    ids = torch.tensor([list(prompt_ids)], device=weight.device)
-    logits = model(ids, kv_cache=cache, last_position_only=True)[0, -1]  # prefill
+    capacity = min(len(prompt_ids) + max_new_tokens, config.context_length)
+    sequence = list(prompt_ids)
+
+    def prefill(window: list[int]) -> tuple[KVCache, torch.Tensor]:
+        cache = KVCache(config.n_layers, 1, config.n_kv_heads, capacity, config.head_dim, dtype=weight.dtype,
+                        device=weight.device)
+        ids = torch.tensor([window], device=weight.device)
+        return cache, model(ids, kv_cache=cache, last_position_only=True)[0, -1]
+
+    cache, logits = prefill(sequence)
     for step in range(max_new_tokens):
         token = sample_next_token(logits, sampling, generator)
         yield token
         if token in stop_ids or step == max_new_tokens - 1:
             return
+        sequence.append(token)
+        if cache.length == config.context_length:
+            # The context is full (a small trained model's 64 tokens, say): keep going on the most
+            # recent half of it, recomputed once, rather than stop (nanoGPT crops the same way).
+            cache, logits = prefill(sequence[-(config.context_length // 2):])
+            continue
         ids = torch.tensor([[token]], device=weight.device)
         logits = model(ids, kv_cache=cache, last_position_only=True)[0, -1]  # one decode step
 
