@@ -174,6 +174,7 @@ class HeadArithmetic:
     contribution: torch.Tensor
     uses_rope: bool
     qk_norm: bool
+    q_bias: bool  # BERT, GPT-2: q = x·W_Q + b_Q
     check: dict[str, float]  # |Δ| between recomputing each step by hand and the model's captured value
 
 
@@ -230,7 +231,7 @@ def head_arithmetic(lm, ids: list[int], layer: int, head: int, query: int) -> He
     }
     return HeadArithmetic(layer, head, kv_head, query, seen, x, q_before_rope, q, k, v, scores, attention.scale,
                           attention.softcap, masked_all[seen], weights, output, contribution,
-                          config.positions == "rope", config.qk_norm, check)
+                          config.positions == "rope", config.qk_norm, attention.w_q.bias is not None, check)
 
 
 def _bar(weight: float, width: int = 20) -> str:
@@ -295,7 +296,8 @@ def print_arithmetic(console: Console, arithmetic: HeadArithmetic, tokens: list[
     console.print(f"layer {a.layer}, head {a.head}, query token {a.query} {tokens[a.query]!r}{sharing}",
                   highlight=False, markup=False, style="bold")
     console.print(f"x  (normed input of token {a.query}) = {_vector(a.x, dims)}", highlight=False, markup=False)
-    console.print(f"q = x·W_Q[head {a.head}] = {_vector(a.q_before_rope, dims)}", highlight=False, markup=False)
+    bias = f" + b_Q[head {a.head}]" if a.q_bias else ""
+    console.print(f"q = x·W_Q[head {a.head}]{bias} = {_vector(a.q_before_rope, dims)}", highlight=False, markup=False)
     steps = []
     if a.qk_norm:
         steps.append("RMS-normalised (QK-norm)")
