@@ -263,3 +263,12 @@ def test_the_example_config_is_the_preset_written_out():
     example = Path(__file__).resolve().parents[1] / "examples" / "shakespeare-char.toml"
     written, preset = load_run_config(str(example)), load_run_config(preset="shakespeare-char")
     assert config_differences(written.to_dict(), preset.to_dict()) == []
+
+
+def test_bf16_autocast_trains(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "cache"))
+    config = load_run_config(str(write_config(tmp_path, tmp_path / "run", max_steps=10, dtype="bf16",
+                                              eval_interval=10, checkpoint_interval=10)))
+    result = train(config, TokenData.prepare(TEXT, "char", 32, 0.1, 7, "text"), progress=False)
+    assert result.step == 10 and 0 < result.val_loss < 4.5
+    assert attnlab.load(tmp_path / "run").model.token_embedding.weight.dtype == torch.float32  # weights stay fp32
