@@ -100,24 +100,29 @@ def repeat_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if repeats == 1 else x.repeat_interleave(repeats, dim=1)
 
 
+def record_mixing(capture: Capture | None, layer: int, **tensors: torch.Tensor) -> None:
+    """Record the intermediate tensors of one layer's mixing step (scores, masked_scores, probs,
+    head_output) if a capture is listening. Every attention variant records through here."""
+    if capture is not None:
+        for point, tensor in tensors.items():
+            capture.record(point, layer, tensor)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
                         scale: float, softcap: float | None = None,
                         capture: Capture | None = None, layer: int = 0) -> torch.Tensor:
     """softmax(Q·Kᵀ·scale + M)·V, written out step by step (Vaswani et al., 2017, eq. 1).
 
-    q (B, H, Tq, hd); k, v (B, H_kv, Tk, hd) → (B, H, Tq, hd). Every intermediate can be captured.
+    q (B, H, Tq, hd); k (B, H_kv, Tk, hd); v (B, H_kv, Tk, hd_v) → (B, H, Tq, hd_v). Every intermediate
+    can be captured.
     """
     k = repeat_kv_heads(k, q.shape[1])
     v = repeat_kv_heads(v, q.shape[1])
     scores = q @ k.transpose(-2, -1)  # (B, H, Tq, Tk): q_i · k_j
     masked_scores = soft_cap(scores * scale, softcap) + mask.additive(scores.dtype)
     probs = torch.softmax(masked_scores.float(), dim=-1).to(q.dtype)  # each row sums to 1
-    output = probs @ v  # (B, H, Tq, hd): Σ_j p_ij · v_j
-    if capture is not None:
-        capture.record("scores", layer, scores)
-        capture.record("masked_scores", layer, masked_scores)
-        capture.record("probs", layer, probs)
-        capture.record("head_output", layer, output)
+    output = probs @ v  # (B, H, Tq, hd_v): Σ_j p_ij · v_j
+    record_mixing(capture, layer, scores=scores, masked_scores=masked_scores, probs=probs, head_output=output)
     return output
 
 
@@ -137,6 +142,10 @@ class MultiHeadAttention(nn.Module):
 
     head_h = softmax(x W_Q^h (x W_K^g)ᵀ / √d_k + M) · x W_V^g, output = concat_h(head_h) · W_O,
     where g is the key/value head that query head h shares.
+
+    The forward pass is three steps, and the attention variants (``variants.py``) are subclasses that
+    override one of them: :meth:`project` (x → q, k, v), :meth:`mix` (q, k, v → each head's output),
+    or the projections themselves.
     """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
@@ -155,14 +164,32 @@ class MultiHeadAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.scale = config.attn_scale if config.attn_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.softcap = config.attn_logit_softcap
+        self.key_heads, self.key_dim = self.n_kv_heads, self.head_dim  # what a KV cache stores per key
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, d) → q (B, H, T, hd), k (B, H_kv, T, hd), v (B, H_kv, T, hd)."""
+        B, T, _ = x.shape
+        q = self.w_q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.w_k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.w_v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        return q, k, v
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+            capture: Capture | None) -> torch.Tensor:
+        """Each head's output Σ_j w_ij·v_j (B, H, Tq, hd); here w = softmax(q·k·scale + M).
+
+        The explicit path runs when something is recorded (or the model soft-caps); otherwise the
+        fused kernel, which never keeps the T×T weights.
+        """
+        if capture is not None or self.softcap is not None:
+            return attention_reference(q, k, v, mask, self.scale, self.softcap, capture, self.layer)
+        return attention_fast(q, k, v, mask, self.scale)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None, capture: Capture | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.w_q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.w_k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = self.w_v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        q, k, v = self.project(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -175,11 +202,7 @@ class MultiHeadAttention(nn.Module):
         if recording:
             for point, tensor in (("input", x), ("q", q), ("k", k), ("v", v)):
                 capture.record(point, self.layer, tensor)
-            heads = attention_reference(q, k, v, mask, self.scale, self.softcap, capture, self.layer)
-        elif self.softcap is not None:
-            heads = attention_reference(q, k, v, mask, self.scale, self.softcap)
-        else:
-            heads = attention_fast(q, k, v, mask, self.scale)
+        heads = self.mix(q, k, v, mask, capture if recording else None)
 
         output = self.w_o(heads.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, d)
         if recording and "head_contrib" in capture.points:

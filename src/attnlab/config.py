@@ -40,6 +40,7 @@ class ModelConfig:
     activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"
 
     # Attention.
+    attention: str = "softmax"  # the variant (variants.py): softmax, no-q, merged-qk:8, linear:elu, …
     causal: bool = True  # False for encoders (BERT): every token sees every other token
     qkv_bias: bool = False
     out_bias: bool = False
@@ -88,9 +89,26 @@ class ModelConfig:
             )
         if "local" in self.layer_types and not self.sliding_window:
             raise WeightsFormatError("layer_types names local layers but sliding_window is not set")
+        from attnlab.variants import check_compatible, parse_variant  # variants builds on this module
+
+        check_compatible(parse_variant(self.attention), self)
 
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer] if self.layer_types else "global"
+
+    def mask_type(self, layer: int) -> str:
+        """Which mask a layer uses: its type, except that the sliding-window variant makes every layer local
+        (positions still rotate as the layer type says)."""
+        from attnlab.variants import parse_variant
+
+        return "local" if parse_variant(self.attention).window else self.layer_type(layer)
+
+    @property
+    def local_window(self) -> int | None:
+        """The window of the local layers: the sliding-window variant's w, else ``sliding_window``."""
+        from attnlab.variants import parse_variant
+
+        return parse_variant(self.attention).window or self.sliding_window
 
     @property
     def is_encoder(self) -> bool:
@@ -122,6 +140,9 @@ class ModelConfig:
             mlp += self.d_ff * (2 if self.mlp == "glu" else 1) + d
         norm_size = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
         norms_per_block = 4 if self.norm_placement == "sandwich" else 2
+        from attnlab.variants import attention_parameter_change
+
+        attention += attention_parameter_change(self)
         total = self.n_layers * (attention + mlp + norms_per_block * norm_size)
         total += self.vocab_size * d
         if self.positions == "learned":

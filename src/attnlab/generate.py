@@ -80,8 +80,7 @@ def generate_token_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new
     sequence = list(prompt_ids)
 
     def prefill(window: list[int]) -> tuple[KVCache, torch.Tensor]:
-        cache = KVCache(config.n_layers, 1, config.n_kv_heads, capacity, config.head_dim, dtype=weight.dtype,
-                        device=weight.device)
+        cache = model.new_kv_cache(1, capacity, dtype=weight.dtype, device=weight.device)
         ids = torch.tensor([window], device=weight.device)
         return cache, model(ids, kv_cache=cache, last_position_only=True)[0, -1]
 

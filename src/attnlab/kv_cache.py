@@ -9,13 +9,17 @@ class KVCache:
     One buffer of shape (layers, B, n_kv_heads, capacity, head_dim) for k and one for v, filled by
     index assignment (no torch.cat per step, so no reallocation). Attention reads only the filled
     prefix ``[:length]``: its cost grows with the tokens seen, not with the capacity.
+
+    Keys may have another shape than values (``key_heads``, ``key_dim``): the merged-QK variant keys
+    on the input x itself, one d_model-wide key shared by every head.
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        shape = (n_layers, batch_size, n_kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
+                 key_heads: int | None = None, key_dim: int | None = None) -> None:
+        key_shape = (n_layers, batch_size, key_heads or n_kv_heads, capacity, key_dim or head_dim)
+        self.keys = torch.zeros(key_shape, dtype=dtype, device=device)
+        self.values = torch.zeros((n_layers, batch_size, n_kv_heads, capacity, head_dim), dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0  # tokens stored so far (the same for every layer once a forward pass ends)
 

@@ -7,12 +7,13 @@ ModelConfig says which parts to use. Attention itself lives in ``attention.py``.
 import torch
 from torch import nn
 
-from attnlab.attention import AttentionMask, MultiHeadAttention
+from attnlab.attention import AttentionMask
 from attnlab.capture import Capture
 from attnlab.config import ModelConfig
 from attnlab.kv_cache import KVCache
 from attnlab.layers import make_mlp, make_norm
 from attnlab.positions import RotaryEmbedding
+from attnlab.variants import make_attention
 
 
 class Block(nn.Module):
@@ -27,7 +28,7 @@ class Block(nn.Module):
         super().__init__()
         self.placement = config.norm_placement
         self.attention_norm = make_norm(config)
-        self.attention = MultiHeadAttention(config, layer)
+        self.attention = make_attention(config, layer)
         self.mlp_norm = make_norm(config)
         self.mlp = make_mlp(config)
         if self.placement == "sandwich":
@@ -61,6 +62,9 @@ class Transformer(nn.Module):
         if config.embedding_norm:
             self.embedding_norm = make_norm(config)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+        # (rope table, mask) kind of each layer, worked out once rather than at every decode step
+        self.layer_kinds = [(config.layer_type(layer), config.mask_type(layer)) for layer in range(config.n_layers)]
+        self.local_window = config.local_window
         if config.final_norm:
             self.final_norm = make_norm(config)
         if config.lm_head and not config.tie_embeddings:
@@ -68,6 +72,13 @@ class Transformer(nn.Module):
         if config.positions == "rope":
             self.rope_global = RotaryEmbedding(config.head_dim, config.rope_theta)
             self.rope_local = RotaryEmbedding(config.head_dim, config.rope_theta_local or config.rope_theta)
+
+    def new_kv_cache(self, batch_size: int, capacity: int, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu") -> KVCache:
+        """An empty KV cache shaped for this model's attention (a variant may key on other shapes)."""
+        attention = self.blocks[0].attention
+        return KVCache(self.config.n_layers, batch_size, self.config.n_kv_heads, capacity, self.config.head_dim,
+                       dtype, device, key_heads=attention.key_heads, key_dim=attention.key_dim)
 
     def output_weight(self) -> torch.Tensor:
         """The (vocab, d) unembedding matrix: the token embedding itself when tied."""
@@ -104,9 +115,8 @@ class Transformer(nn.Module):
 
         masks = self._masks(positions, start + T, attention_mask)
         ropes = self._rope_tables(positions)
-        for layer, block in enumerate(self.blocks):
-            kind = config.layer_type(layer)
-            x = block(x, masks[kind], ropes[kind] if ropes else None, kv_cache, capture)
+        for block, (rope_kind, mask_kind) in zip(self.blocks, self.layer_kinds):
+            x = block(x, masks[mask_kind], ropes[rope_kind] if ropes else None, kv_cache, capture)
         if kv_cache is not None:
             kv_cache.advance(T)
 
@@ -125,7 +135,7 @@ class Transformer(nn.Module):
                attention_mask: torch.Tensor | None) -> dict[str, AttentionMask]:
         """One mask per layer kind ("global", "local"), shared by all layers of that kind."""
         config = self.config
-        window = config.sliding_window
+        window = self.local_window
         if window is not None and config.causal and n_keys <= window:
             window = None  # every key is inside the window: the local mask is the global one
         return {

@@ -64,13 +64,16 @@ def learning_rate(step: int, t: TrainLoopConfig) -> float:
 def initialize_weights(model: Transformer) -> None:
     """GPT-2's initialisation: N(0, 0.02) for matrices and embeddings, zero biases, unit norms, and the
     matrices that write into the residual stream (W_O, the MLP's output) scaled by 1/√(2·layers) so the
-    stream's variance does not grow with depth (Radford et al., 2019)."""
+    stream's variance does not grow with depth (Radford et al., 2019). A merged W_QK (d×d per head) starts
+    with std 0.02²·√d_k, which gives x W_QK xᵀ the variance q·k has when W_Q and W_K are N(0, 0.02²)."""
     residual_std = 0.02 / math.sqrt(2 * model.config.n_layers)
     for name, parameter in model.named_parameters():
         if parameter.dim() < 2:
             torch.nn.init.zeros_(parameter) if name.endswith("bias") else torch.nn.init.ones_(parameter)
         elif name.endswith(("w_o.weight", "w_out.weight", "w_down.weight")):
             torch.nn.init.normal_(parameter, 0.0, residual_std)
+        elif name.endswith(".w_qk"):
+            torch.nn.init.normal_(parameter, 0.0, 0.02 ** 2 * math.sqrt(model.config.head_dim))
         else:
             torch.nn.init.normal_(parameter, 0.0, 0.02)
 
