@@ -28,7 +28,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +76,22 @@ def initialize_weights(model: Transformer) -> None:
             torch.nn.init.normal_(parameter, 0.0, 0.02 ** 2 * math.sqrt(model.config.head_dim))
         else:
             torch.nn.init.normal_(parameter, 0.0, 0.02)
+
+
+@torch.inference_mode()
+def mean_loss(model: Transformer, data: TokenData, split: str, batches: int, batch_size: int,
+              autocast: AbstractContextManager | None = None) -> float:
+    """Mean cross-entropy of ``model`` over the first ``batches`` evaluation batches of ``split``
+    (the same windows every time for the same data seed)."""
+    model.eval()
+    device = next(model.parameters()).device
+    losses = []
+    for index in range(batches):
+        inputs, targets = data.eval_batch(split, index, batch_size)
+        with autocast or nullcontext():
+            logits = model(inputs.to(device))
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten()).item())
+    return sum(losses) / len(losses)
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainLoopConfig) -> torch.optim.AdamW:
@@ -305,22 +321,12 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return mean
 
-    @torch.inference_mode()
     def _evaluate(self) -> dict[str, float | None]:
         """Mean loss over the same eval_batches batches of each split (rank 0 only; others skip)."""
         if not self.dist.is_main:
             return {"train": None, "val": None}
-        self.model.eval()
-        result = {}
-        for split in ("train", "val"):
-            losses = []
-            for index in range(self.t.eval_batches):
-                inputs, targets = self.data.eval_batch(split, index, self.t.batch_size)
-                with self.autocast:
-                    logits = self.model(inputs.to(self.dist.device))
-                losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.dist.device).flatten())
-                              .item())
-            result[split] = sum(losses) / len(losses)
+        result = {split: mean_loss(self.model, self.data, split, self.t.eval_batches, self.t.batch_size,
+                                   self.autocast) for split in ("train", "val")}
         self._log({"step": self.step, "train_loss": round(result["train"], 5), "val_loss": round(result["val"], 5)})
         return result
 
