@@ -312,8 +312,11 @@ def factorised_model(lm: LanguageModel, rank: int) -> LanguageModel:
     return LanguageModel(model, lm.tokenizer, f"{lm.name} (W_QK rank {rank})")
 
 
-def parse_ranks(text: str, head_dim: int) -> list[int]:
-    """"64,32,16" → [64, 32, 16] (descending, no repeats); InputError on anything else."""
+def parse_ranks(text: str, head_dim: int | None = None) -> list[int]:
+    """"64,32,16" → [64, 32, 16] (descending, no repeats); InputError on anything else.
+
+    Without ``head_dim`` only the form is checked (before a model is loaded), with it the range too.
+    """
     ranks = []
     for piece in text.split(","):
         piece = piece.strip()
@@ -321,8 +324,11 @@ def parse_ranks(text: str, head_dim: int) -> list[int]:
             rank = int(piece)
         except ValueError:
             raise InputError(f"--ranks: {piece!r} is not a whole number; give ranks like 64,32,16") from None
-        if not 1 <= rank <= head_dim:
-            raise InputError(f"--ranks: rank {rank} is outside 1-{head_dim} (the model's head dimension)")
+        if rank < 1:
+            raise InputError(f"--ranks: rank {rank} must be at least 1")
+        if head_dim is not None and rank > head_dim:
+            raise InputError(f"--ranks: rank {rank} exceeds the model's head dimension {head_dim} "
+                             f"(W_QK of a head has rank ≤ {head_dim})")
         ranks.append(rank)
     return sorted(set(ranks), reverse=True)
 
