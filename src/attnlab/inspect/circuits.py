@@ -121,10 +121,11 @@ def truncated_factors(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torc
 
 def entropy_effective_rank(singular_values: torch.Tensor) -> torch.Tensor:
     """exp(H(p)), p_i = σ_i / Σ_j σ_j (Roy & Vetterli, 2007), over the last axis; 0 for a zero matrix."""
-    total = singular_values.sum(-1, keepdim=True)
-    p = singular_values / total.clamp_min(torch.finfo(singular_values.dtype).tiny)
-    entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
-    return torch.where(total[..., 0] > 0, entropy.exp(), torch.zeros_like(entropy))
+    sigma = singular_values.double()
+    total = sigma.sum(-1, keepdim=True)
+    p = sigma / total.clamp_min(1e-300)
+    entropy = -torch.xlogy(p, p).sum(-1)  # xlogy: 0·log 0 = 0, a zero singular value adds nothing
+    return torch.where(total[..., 0] > 0, entropy.exp(), torch.zeros_like(entropy)).to(singular_values.dtype)
 
 
 def energy_rank(singular_values: torch.Tensor, fraction: float = ENERGY_FRACTION) -> torch.Tensor:
