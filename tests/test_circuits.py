@@ -239,4 +239,4 @@ def test_smollm2_merge_is_not_exact(smollm2_path):
     lm = attnlab.load("smollm2-135m-instruct")
     result = merge_exactness(lm, "The capital of France is Paris, and the capital of Italy is Rome.")
     assert result.obstacles == [ROPE_REASON]
-    assert result.overall_relative_error > 0.1  # measured ~0.8 on the default paragraph
+    assert result.overall_relative_error > 0.1  # measured 0.41 here, 0.83 on the default paragraph

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="perplexity on the first N tokens of the held-out text (default: 4096)")
     circuits.add_argument("--context", type=_positive_int, metavar="N",
                           help="tokens per perplexity window; windows do not overlap (default: min(512, model's)). "
-                               "Defaults take ~1 min on SmolLM2 with 2 CPU cores")
+                               "Defaults take ~1-2 min on SmolLM2 with 2 CPU cores")
     circuits.add_argument("--no-perplexity", action="store_true", help="spectra and exactness only")
     circuits.add_argument("--png", metavar="FILE", help="picture: spectra per head and effective-rank heatmaps")
     circuits.add_argument("--svg", metavar="FILE", help="the same picture as SVG")
