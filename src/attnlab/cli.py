@@ -16,6 +16,7 @@ from attnlab.data.corpora import CORPORA
 from attnlab.errors import AttnlabError
 from attnlab.evaluate import BOS_MODES
 from attnlab.train.config import PRESETS
+from attnlab.train.experiments import DEFAULT_VARIANTS, MATCHES, default_jobs
 from attnlab.weights.registry import DEFAULT_MODEL
 
 EXIT_USAGE = 2
@@ -186,6 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace the run in train.out_dir")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to the run)")
     train.set_defaults(handler=cmd_train)
+
+    ablate = commands.add_parser("ablate", help="train attention variants under one budget, N seeds; write a report")
+    ablate.add_argument("config", nargs="?", help="base TOML run config (default: --preset ablation-char)")
+    ablate.add_argument("--preset", help="a built-in base run: " + ", ".join(PRESETS) + " (default: ablation-char)")
+    ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                        help="override one key of the base config, e.g. --set train.max_steps=300 (repeatable)")
+    ablate.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), metavar="V,V,…",
+                        help=f"attention variants (softmax is always included; default: {','.join(DEFAULT_VARIANTS)})")
+    ablate.add_argument("--seeds", type=_positive_int, default=3, metavar="N",
+                        help="runs per variant, seeds train.seed … train.seed+N-1 (default: 3)")
+    ablate.add_argument("--match", choices=MATCHES, default="params",
+                        help="params (default): equal parameter counts via the MLP width, equal steps; "
+                             "flops: each variant's natural size, steps scaled to equal training FLOPs")
+    ablate.add_argument("--out", default="runs/ablation", metavar="DIR", help="report folder (default: runs/ablation)")
+    ablate.add_argument("--jobs", type=_positive_int, default=default_jobs(), metavar="N",
+                        help=f"runs trained side by side, each on cores/N threads (default here: {default_jobs()})")
+    ablate.add_argument("--eval-batches", type=_positive_int, default=50, metavar="N",
+                        help="held-out batches every run is scored on at the end (default: 50)")
+    ablate.add_argument("--plan", action="store_true", help="print the runs, their sizes and budgets, and stop")
+    ablate.add_argument("--overwrite", action="store_true", help="replace the report in --out")
+    ablate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ablate.set_defaults(handler=cmd_ablate)
     return parser
 
 
@@ -629,6 +652,76 @@ def cmd_train(args: argparse.Namespace) -> int:
     say(f"done: step {result.step}, {val}{result.seconds:.0f} s, {result.tokens_per_second:,.0f} tokens/s. "
         f"Run folder {t.out_dir} (metrics.jsonl, loss.png, checkpoint/). Try: attnlab sample {t.out_dir}")
     return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from attnlab.data.corpora import read_corpus
+    from attnlab.errors import InputError
+    from attnlab.train.config import load_run_config
+    from attnlab.train.data import build_tokenizer
+    from attnlab.train.experiments import check_report_dir, plan_ablation, results_table, run_ablation, summary
+
+    if args.config is None and args.preset is None:
+        args.preset = "ablation-char"
+    base = load_run_config(args.config, args.preset, args.overrides)
+    out_dir = Path(args.out)
+    if not args.plan:  # refuse a wrong folder before reading the corpus
+        check_report_dir(out_dir, overwrite=args.overwrite)
+    text = read_corpus(base.data.corpus)
+    vocab_size = build_tokenizer(base.data.tokenizer, text).vocab_size
+    variants = [v for v in args.variants.split(",") if v.strip()]
+    if not variants:
+        raise InputError("--variants is empty: name at least one attention variant")
+    plan = plan_ablation(base, variants, args.seeds, args.match, vocab_size, out_dir)
+    console = Console(stderr=True)
+    table = Table(title=f"ablation plan: {len(plan)} runs, matched by {args.match}")
+    for column in ("variant", "params", "d_ff", "steps", "training TFLOP"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for run in plan[::args.seeds]:
+        table.add_row(run.variant, f"{run.params:,}", str(run.model.d_ff), f"{run.config.train.max_steps:,}",
+                      f"{run.flops / 1e12:.2f}")
+    console.print(table)
+    if args.plan:
+        return 0
+    command = "attnlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with _runs_progress(len(plan), enabled=not args.no_progress) as advance:
+        ablation = run_ablation(base, plan, text, out_dir, command=command, match=args.match, jobs=args.jobs,
+                                eval_batches=args.eval_batches, overwrite=args.overwrite, progress=advance)
+    rows = results_table(ablation)
+    result = Table(title=f"{out_dir}/results.md")
+    for column in ("variant", "val loss", "Δ val loss vs softmax", "params", "steps", "wall s / run"):
+        result.add_column(column, justify="left" if column == "variant" else "right")
+    for row in rows:
+        result.add_row(*(row[c] for c in ("variant", "val loss", "Δ val loss vs softmax", "params", "steps",
+                                          "wall s / run")))
+    Console().print(result)
+    for line in summary(ablation):
+        print(f"- {line}")
+    print(f"report: {out_dir}/results.md, results.csv, ablation.json, loss.png; runs in {out_dir}/runs/",
+          file=sys.stderr)
+    return 0
+
+
+def _runs_progress(total: int, enabled: bool):
+    """A progress bar over an ablation's runs; yields ``advance(status, done, total)``."""
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextmanager
+    def bar():
+        if not enabled:
+            yield lambda status, done, total: None
+            return
+        with Progress(TextColumn("ablate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                      TimeElapsedColumn(), console=Console(stderr=True)) as progress:
+            task = progress.add_task("ablate", total=total, status="")
+            yield lambda status, done, total: progress.update(task, completed=done, status=status)
+
+    return bar()
 
 
 def _layer_summary(config) -> str:

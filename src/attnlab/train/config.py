@@ -119,6 +119,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"batch_size": 12, "max_steps": 1750, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 100,
                   "out_dir": "runs/shakespeare-char-modern"},
     },
+    # The base of `attnlab ablate`'s example: GPT-2 block (learned positions, so merged-qk can run), small enough
+    # that 7 variants × 3 seeds train in ~12 minutes on 2 CPU cores. Evaluation happens once, at the end.
+    "ablation-char": {
+        "model": {"family": "gpt2", "n_layers": 4, "n_heads": 4, "d_model": 128, "activation": "gelu",
+                  "qkv_bias": False, "out_bias": False, "mlp_bias": False, "norm_bias": False},
+        "data": {"corpus": "shakespeare", "tokenizer": "char", "context": 64},
+        "train": {"batch_size": 12, "max_steps": 600, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 50,
+                  "eval_batches": 1, "log_interval": 20, "out_dir": "runs/ablation-char"},
+    },
 }
 
 
