@@ -135,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     circuits.add_argument("--json", action="store_true")
     circuits.set_defaults(handler=cmd_circuits)
 
+    swap = commands.add_parser("swap", help="replace softmax in a trained model's layers by another kernel: "
+                                            "perplexity before and after")
+    _add_model(swap)
+    swap.add_argument("--to", action="append", required=True, metavar="SPEC",
+                      help="the kernel to swap in (repeatable): softmax, kernel, sigmoid, linear:elu, linear:relu, "
+                           "sliding-window:<w> (a mask: the w most recent keys)")
+    swap.add_argument("--layers", default="all", metavar="all|0-5|0,3,7", help="which layers to swap (default: all)")
+    held_out = swap.add_mutually_exclusive_group()
+    held_out.add_argument("--corpus", metavar="NAME",
+                          help="held-out text, a named corpus: " + ", ".join(CORPORA) + " (default: sotu)")
+    held_out.add_argument("--eval-text", metavar="FILE", help="held-out text: a UTF-8 file or folder")
+    swap.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                      help="score the first N tokens of the held-out text (default: 2048)")
+    swap.add_argument("--context", type=_positive_int, metavar="N",
+                      help="tokens per window; windows do not overlap (default: min(512, model's)). Defaults take "
+                           "~1-2 min on SmolLM2 with 2 CPU cores for 4 kernels")
+    swap.add_argument("--json", action="store_true")
+    swap.set_defaults(handler=cmd_swap)
+
     evaluate = commands.add_parser("eval", help="perplexity and bits per byte on a text, in sliding windows")
     _add_model(evaluate)
     text_source = evaluate.add_mutually_exclusive_group(required=True)
@@ -509,6 +528,41 @@ def _print_circuits(console: Console, report, config) -> None:
             "rank = head_dim changes the model: the factors put q and k in a new basis, and RoPE rotates that basis")
     console.print(f"{note}. Factors count 2·r·{'(d + 1)' if config.qkv_bias else 'd'} numbers per query head "
                   f"(each query head gets its own key factor)", highlight=False)
+
+
+def cmd_swap(args: argparse.Namespace) -> None:
+    import attnlab
+    from attnlab import swap
+
+    for spec in args.to:  # the form of every spec and of --layers, before loading anything
+        swap.swap_variant(spec)
+    swap.parse_layers(args.layers)
+
+    def say(message: str) -> None:
+        print(f"attnlab swap: {message}", file=sys.stderr, flush=True)
+
+    lm = attnlab.load(args.model)
+    layers = swap.parse_layers(args.layers, lm.config.n_layers)
+    corpus = args.corpus if args.corpus is not None or args.eval_text is not None else swap.DEFAULT_CORPUS
+    text, source = _eval_text(argparse.Namespace(corpus=corpus, text=args.eval_text))
+    report = swap.swap_perplexities(lm, args.to, text, layers=layers, source=source, context=args.context,
+                                    max_tokens=swap.DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
+                                    say=say)
+    if args.json:
+        print(json.dumps(report.to_json(), ensure_ascii=False))
+        return
+    original = report.original
+    table = Table(title=f"{report.model} with another attention kernel: perplexity on {original.source} "
+                        f"({original.tokens_scored:,} tokens scored, windows of {original.context})")
+    for column in ("variant", "layers", "perplexity", "change", "bits per byte"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    table.add_row(f"original ({lm.config.attention})", "", f"{original.perplexity:,.3f}", "",
+                  f"{original.bits_per_byte:.4f}")
+    for swapped in report.swaps:
+        table.add_row(swapped.spec, swap.layers_label(swapped.layers, report.n_layers),
+                      f"{swapped.perplexity.perplexity:,.3f}", f"{report.change(swapped):+,.1f}%",
+                      f"{swapped.perplexity.bits_per_byte:.4f}")
+    Console().print(table)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
