@@ -303,6 +303,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("d_model", str(config.d_model)),
         ("attention", f"{config.n_heads} query heads, {config.n_kv_heads} key/value heads ({kind}), "
                       f"head_dim {config.head_dim}"),
+        ("attention variant", _variant_summary(config)),
         ("attention layers", _layer_summary(config)),
         ("positions", f"RoPE θ={config.rope_theta:g}" + (f", local θ={config.rope_theta_local:g}"
                       if config.rope_theta_local else "") if config.positions == "rope" else "learned absolute"),
@@ -685,12 +686,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _variant_summary(config) -> str:
+    from attnlab.variants import VARIANTS, parse_variant
+
+    return f"{config.attention} — {VARIANTS[parse_variant(config.attention).name].summary}"
+
+
 def _layer_summary(config) -> str:
-    if not config.layer_types or "local" not in config.layer_types:
+    masks = [config.mask_type(layer) for layer in range(config.n_layers)]  # the sliding-window variant: all local
+    if "local" not in masks:
         return f"all {config.n_layers} global" + ("" if config.causal else " (bidirectional)")
-    local = config.layer_types.count("local")
-    return (f"{local} sliding-window (w={config.sliding_window}), {config.n_layers - local} global: "
-            + "".join("L" if t == "local" else "G" for t in config.layer_types))
+    local = masks.count("local")
+    return (f"{local} sliding-window (w={config.local_window}), {config.n_layers - local} global: "
+            + "".join("L" if mask == "local" else "G" for mask in masks))
 
 
 def main(argv: list[str] | None = None) -> int:
