@@ -136,6 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     circuits.add_argument("--json", action="store_true")
     circuits.set_defaults(handler=cmd_circuits)
 
+    swap = commands.add_parser("swap", help="replace softmax in a trained model's layers by another kernel: "
+                                            "perplexity before and after")
+    _add_model(swap)
+    swap.add_argument("--to", action="append", required=True, metavar="SPEC",
+                      help="the kernel to swap in (repeatable): softmax, kernel, sigmoid, linear:elu, linear:relu, "
+                           "sliding-window:<w> (a mask: the w most recent keys)")
+    swap.add_argument("--layers", default="all", metavar="all|0-5|0,3,7", help="which layers to swap (default: all)")
+    held_out = swap.add_mutually_exclusive_group()
+    held_out.add_argument("--corpus", metavar="NAME",
+                          help="held-out text, a named corpus: " + ", ".join(CORPORA) + " (default: sotu)")
+    held_out.add_argument("--eval-text", metavar="FILE", help="held-out text: a UTF-8 file or folder")
+    swap.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                      help="score the first N tokens of the held-out text (default: 2048)")
+    swap.add_argument("--context", type=_positive_int, metavar="N",
+                      help="tokens per window; windows do not overlap (default: min(512, model's)). Defaults take "
+                           "~1-2 min on SmolLM2 with 2 CPU cores for 4 kernels")
+    swap.add_argument("--json", action="store_true")
+    swap.set_defaults(handler=cmd_swap)
+
     evaluate = commands.add_parser("eval", help="perplexity and bits per byte on a text, in sliding windows")
     _add_model(evaluate)
     text_source = evaluate.add_mutually_exclusive_group(required=True)
@@ -307,6 +326,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("d_model", str(config.d_model)),
         ("attention", f"{config.n_heads} query heads, {config.n_kv_heads} key/value heads ({kind}), "
                       f"head_dim {config.head_dim}"),
+        ("attention variant", _variant_summary(config)),
         ("attention layers", _layer_summary(config)),
         ("positions", f"RoPE θ={config.rope_theta:g}" + (f", local θ={config.rope_theta_local:g}"
                       if config.rope_theta_local else "") if config.positions == "rope" else "learned absolute"),
@@ -534,6 +554,41 @@ def _print_circuits(console: Console, report, config) -> None:
                   f"(each query head gets its own key factor)", highlight=False)
 
 
+def cmd_swap(args: argparse.Namespace) -> None:
+    import attnlab
+    from attnlab import swap
+
+    for spec in args.to:  # the form of every spec and of --layers, before loading anything
+        swap.swap_variant(spec)
+    swap.parse_layers(args.layers)
+
+    def say(message: str) -> None:
+        print(f"attnlab swap: {message}", file=sys.stderr, flush=True)
+
+    lm = attnlab.load(args.model)
+    layers = swap.parse_layers(args.layers, lm.config.n_layers)
+    corpus = args.corpus if args.corpus is not None or args.eval_text is not None else swap.DEFAULT_CORPUS
+    text, source = _eval_text(argparse.Namespace(corpus=corpus, text=args.eval_text))
+    report = swap.swap_perplexities(lm, args.to, text, layers=layers, source=source, context=args.context,
+                                    max_tokens=swap.DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
+                                    say=say)
+    if args.json:
+        print(json.dumps(report.to_json(), ensure_ascii=False))
+        return
+    original = report.original
+    table = Table(title=f"{report.model} with another attention kernel: perplexity on {original.source} "
+                        f"({original.tokens_scored:,} tokens scored, windows of {original.context})")
+    for column in ("variant", "layers", "perplexity", "change", "bits per byte"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    table.add_row(f"original ({lm.config.attention})", "", f"{original.perplexity:,.3f}", "",
+                  f"{original.bits_per_byte:.4f}")
+    for swapped in report.swaps:
+        table.add_row(swapped.spec, swap.layers_label(swapped.layers, report.n_layers),
+                      f"{swapped.perplexity.perplexity:,.3f}", f"{report.change(swapped):+,.1f}%",
+                      f"{swapped.perplexity.bits_per_byte:.4f}")
+    Console().print(table)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import attnlab
     from attnlab.inspect.server import serve
@@ -724,12 +779,19 @@ def _runs_progress(total: int, enabled: bool):
     return bar()
 
 
+def _variant_summary(config) -> str:
+    from attnlab.variants import VARIANTS, parse_variant
+
+    return f"{config.attention} — {VARIANTS[parse_variant(config.attention).name].summary}"
+
+
 def _layer_summary(config) -> str:
-    if not config.layer_types or "local" not in config.layer_types:
+    masks = [config.mask_type(layer) for layer in range(config.n_layers)]  # the sliding-window variant: all local
+    if "local" not in masks:
         return f"all {config.n_layers} global" + ("" if config.causal else " (bidirectional)")
-    local = config.layer_types.count("local")
-    return (f"{local} sliding-window (w={config.sliding_window}), {config.n_layers - local} global: "
-            + "".join("L" if t == "local" else "G" for t in config.layer_types))
+    local = masks.count("local")
+    return (f"{local} sliding-window (w={config.local_window}), {config.n_layers - local} global: "
+            + "".join("L" if mask == "local" else "G" for mask in masks))
 
 
 def main(argv: list[str] | None = None) -> int:

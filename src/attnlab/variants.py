@@ -359,6 +359,24 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
 # --------------------------------------------------------------------------------------------- factory
 
 
+def module_variant(module: MultiHeadAttention) -> Variant:
+    """The variant a module computes, read from the module itself (its class and options), not from a
+    config: after ``attnlab swap`` a layer may differ from ``config.attention``. Masks are not modules,
+    so a sliding window reads as ``softmax`` here (the model's ``layer_kinds`` say which layers are local)."""
+    if isinstance(module, IdentityProjectionAttention):
+        return Variant(f"no-{module.removed}")
+    if isinstance(module, MergedQKAttention):
+        return Variant("merged-qk", "full" if module.rank is None else str(module.rank))
+    if isinstance(module, LinearAttention):
+        return Variant("linear", module.feature_map_name)
+    if isinstance(module, KernelAttention):
+        return Variant("kernel")
+    if isinstance(module, SigmoidAttention):
+        return Variant("sigmoid")
+    return Variant("softmax")
+
+
+
 def make_attention(config: ModelConfig, layer: int) -> MultiHeadAttention:
     """The attention module of ``layer`` for ``config.attention``."""
     variant = parse_variant(config.attention)

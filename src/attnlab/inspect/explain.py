@@ -5,15 +5,18 @@ Choosing the query: by word (``--token it``; a word that occurs several times ne
 (``--position 30``). A word made of several tokens is the mean of its pieces' rows.
 """
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from attnlab.attention import attention_allowed, soft_cap
 from attnlab.capture import Capture
 from attnlab.errors import InputError
 from attnlab.inspect.attention_map import AttentionMap
+from attnlab.variants import LINEAR_EPS, MergedQKAttention, module_variant
 
 
 @dataclass(frozen=True)
@@ -151,8 +154,14 @@ def explain(amap: AttentionMap, query: Query, *, layers: list[int] | None = None
 class HeadArithmetic:
     """Every number of one head's attention for one query token, from the model's own forward pass.
 
-    Shapes: x (d,), q_before_rope / q (hd,), k / v (i+1 or T, hd) for the keys the query sees,
-    scores / scaled / masked / weights (same length), output (hd,), contribution (d,).
+    Shapes: x (d,), q_before_rope / q (hd, or d / r for merged-qk), k (keys the query sees, same
+    width as q), v (keys the query sees, hd), scores / masked / weights (one per key seen), output (hd,),
+    contribution (d,). ``masked`` is what the layer normalises: score·scale (soft-capped) for softmax
+    and kernel, score·scale − log n for sigmoid, the score itself for linear attention.
+
+    ``variant`` is the layer's own rule, read from its module and mask (``attnlab swap`` may have made
+    it differ from the config): softmax, no-q/no-k/no-v, merged-qk:r|full, kernel, sigmoid, linear:φ;
+    ``window`` the local mask's w, or None.
     """
 
     layer: int
@@ -176,62 +185,117 @@ class HeadArithmetic:
     qk_norm: bool
     q_bias: bool  # BERT, GPT-2: q = x·W_Q + b_Q
     check: dict[str, float]  # |Δ| between recomputing each step by hand and the model's captured value
-
+    variant: str = "softmax"
+    window: int | None = None
+    key_head: int | None = None  # which key head the query reads (None: kv_head; merged-qk keys differ)
+    sigmoid_bias: float | None = None  # sigmoid's −log n
+    head_dim: int | None = None
 
     def to_json(self, decimals: int = 6) -> dict:
         def plain(t: torch.Tensor) -> list:
             return t.double().round(decimals=decimals).tolist()
 
         return {"layer": self.layer, "head": self.head, "kv_head": self.kv_head, "query": self.query,
+                "variant": self.variant, "window": self.window, "key_head": self.key_head,
                 "key_tokens": self.key_tokens, "x": plain(self.x), "q_before_rope": plain(self.q_before_rope),
                 "q": plain(self.q), "k": plain(self.k), "v": plain(self.v), "scores": plain(self.scores),
-                "scale": self.scale, "softcap": self.softcap, "scaled_masked": plain(self.masked),
-                "weights": plain(self.weights), "output": plain(self.output),
+                "scale": self.scale, "softcap": self.softcap, "sigmoid_bias": self.sigmoid_bias,
+                "scaled_masked": plain(self.masked), "weights": plain(self.weights), "output": plain(self.output),
                 "contribution": plain(self.contribution), "check_max_abs_diff": self.check}
+
+
+# What each variant's steps are called in the check (and the score column of the table).
+SCORE_STEP = {"kernel": "−‖q−k_j‖²/2", "linear": "φ(q)·φ(k_j)"}
+WEIGHT_STEP = {"sigmoid": "σ", "linear": "φ(q)·φ(k_j) / Σ_l"}
+
+
+def _head_slice(t: torch.Tensor, head: int, width: int) -> torch.Tensor:
+    """Columns head·width … (head+1)·width − 1 of the last dimension: what no-q/no-k/no-v take from x."""
+    return t[..., head * width:(head + 1) * width]
+
+
+def _query_projection(attention, x: torch.Tensor, head: int, hd: int) -> torch.Tensor:
+    """x·W_Q[head] (+ b_Q), x's head slice (no-q), or x·W_QK[head] / x·L[head] (merged-qk)."""
+    if isinstance(attention, MergedQKAttention):
+        return x @ (attention.w_qk[head] if attention.rank is None else attention.w_qk_left[head])
+    if isinstance(attention.w_q, torch.nn.Identity):
+        return _head_slice(x, head, hd)
+    return torch.nn.functional.linear(x, _head_slice(attention.w_q.weight.T, head, hd).T,
+                                      None if attention.w_q.bias is None else _head_slice(attention.w_q.bias, head, hd))
+
+
+def _weigh(attention, name: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(score_j, what is normalised, w_j) for one query over the keys it sees, as the variant defines them."""
+    if name == "linear":  # w_j = φ(q)·φ(k_j) / Σ_l φ(q)·φ(k_l): no scale, no exponential
+        scores = attention.feature_map(k) @ attention.feature_map(q)
+        return scores, scores, scores / (scores.sum() + LINEAR_EPS)
+    scores = -0.5 * ((k - q) ** 2).sum(-1) if name == "kernel" else k @ q  # −‖q − k_j‖²/2, or q·k_j
+    scaled = soft_cap(scores * attention.scale, attention.softcap)
+    if name == "sigmoid":  # σ(q·k_j·scale − log n), each key on its own
+        scaled = scaled + attention.bias
+        return scores, scaled, torch.sigmoid(scaled)
+    return scores, scaled, torch.softmax(scaled, dim=-1)
 
 
 @torch.inference_mode()
 def head_arithmetic(lm, ids: list[int], layer: int, head: int, query: int) -> HeadArithmetic:
     """Capture one layer completely and lay out the arithmetic of ``head`` for token ``query``.
 
-    Each step is recomputed here from the previous one, the way the formula reads, and compared with
-    what the model computed (``check``): the numbers shown are the numbers the model used.
+    Each step is recomputed here from the previous one, the way the formula of the layer's variant
+    reads, and compared with what the model computed (``check``): the numbers shown are the numbers
+    the model used. Which keys the query sees comes from the layer's mask (causal, local window), not
+    from recorded scores: linear attention records no masked scores.
     """
-    config = lm.config
+    config, model = lm.config, lm.model
     lm.check_layers_heads([layer], [head])
-    capture = Capture(points=("input", "q", "k", "v", "scores", "masked_scores", "probs", "head_output",
-                              "head_contrib"), layers=[layer])
-    lm.model(torch.tensor([ids]), capture=capture, return_hidden=True)
-    attention = lm.model.blocks[layer].attention
+    capture = Capture(points=("input", "q", "k", "v", "scores", "probs", "head_output", "head_contrib"),
+                      layers=[layer])
+    model(torch.tensor([ids]), capture=capture, return_hidden=True)
+    attention = model.blocks[layer].attention
+    name = module_variant(attention).name
+    window = model.local_window if model.layer_kinds[layer][1] == "local" else None
     kv_head = head // (config.n_heads // config.n_kv_heads)
+    key_head = head // (config.n_heads // attention.key_heads)
     hd = config.head_dim
-    x = capture.get("input", layer)[0, query]  # (d,)
-    q_before_rope = torch.nn.functional.linear(x, attention.w_q.weight[head * hd:(head + 1) * hd],
-                                               None if attention.w_q.bias is None
-                                               else attention.w_q.bias[head * hd:(head + 1) * hd])
+    inputs = capture.get("input", layer)[0]  # (T, d)
+    x = inputs[query]
+    q_before_rope = _query_projection(attention, x, head, hd)
     q = capture.get("q", layer)[0, head, query]
-    keys = capture.get("k", layer)[0, kv_head]  # (T, hd)
-    values = capture.get("v", layer)[0, kv_head]
-    masked_all = capture.get("masked_scores", layer)[0, head, query]
-    seen = [j for j in range(len(ids)) if masked_all[j] > torch.finfo(masked_all.dtype).min / 2]
-    k, v = keys[seen], values[seen]
-    scores = k @ q  # q·k_j
-    scaled = scores * attention.scale
-    if attention.softcap is not None:
-        scaled = attention.softcap * torch.tanh(scaled / attention.softcap)
-    weights = torch.softmax(scaled, dim=-1)
+    positions = torch.arange(len(ids))
+    allowed = attention_allowed(positions[query:query + 1], positions, causal=config.causal, sliding_window=window)
+    seen = allowed[0, 0, 0].nonzero().flatten().tolist()
+    k, v = capture.get("k", layer)[0, key_head, seen], capture.get("v", layer)[0, kv_head, seen]
+    scores, masked, weights = _weigh(attention, name, q, k)
     output = weights @ v  # Σ_j w_j·v_j
-    w_o_head = attention.w_o.weight[:, head * hd:(head + 1) * hd]  # (d, hd): this head's slice of W_O
+    w_o_head = _head_slice(attention.w_o.weight, head, hd)  # (d, hd): this head's slice of W_O
     contribution = w_o_head @ output
-    check = {
-        "q·k_j": float((scores - capture.get("scores", layer)[0, head, query, seen]).abs().max()),
-        "softmax": float((weights - capture.get("probs", layer)[0, head, query, seen]).abs().max()),
-        "Σ w_j·v_j": float((output - capture.get("head_output", layer)[0, head, query]).abs().max()),
-        "W_O": float((contribution - capture.get("head_contrib", layer)[0, head, query]).abs().max()),
+
+    def diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+        return float((ours - theirs).abs().max())
+
+    check = {}
+    position_free = config.positions != "rope" and not config.qk_norm  # q, k as projected, not rotated
+    if name == "merged-qk" or (name == "no-q" and position_free):
+        check["q = " + ("x·W_QK" if name == "merged-qk" else "x slice")] = diff(q_before_rope, q)
+    if name == "merged-qk":
+        keys = inputs[seen] if attention.rank is None else inputs[seen] @ attention.w_qk_right[head]
+        check["k_j = x_j" + ("" if attention.rank is None else "·R")] = diff(keys, k)
+    if name == "no-k" and position_free:
+        check["k_j = x_j slice"] = diff(_head_slice(inputs[seen], kv_head, hd), k)
+    if name == "no-v":
+        check["v_j = x_j slice"] = diff(_head_slice(inputs[seen], kv_head, hd), v)
+    check |= {
+        SCORE_STEP.get(name, "q·k_j"): diff(scores, capture.get("scores", layer)[0, head, query, seen]),
+        WEIGHT_STEP.get(name, "softmax"): diff(weights, capture.get("probs", layer)[0, head, query, seen]),
+        "Σ w_j·v_j": diff(output, capture.get("head_output", layer)[0, head, query]),
+        "W_O": diff(contribution, capture.get("head_contrib", layer)[0, head, query]),
     }
+    q_bias = isinstance(getattr(attention, "w_q", None), torch.nn.Linear) and attention.w_q.bias is not None
     return HeadArithmetic(layer, head, kv_head, query, seen, x, q_before_rope, q, k, v, scores, attention.scale,
-                          attention.softcap, masked_all[seen], weights, output, contribution,
-                          config.positions == "rope", config.qk_norm, attention.w_q.bias is not None, check)
+                          attention.softcap, masked, weights, output, contribution, config.positions == "rope",
+                          config.qk_norm, q_bias, check, variant=str(module_variant(attention)), window=window,
+                          key_head=key_head, sigmoid_bias=getattr(attention, "bias", None) if name == "sigmoid"
+                          else None, head_dim=hd)
 
 
 def _bar(weight: float, width: int = 20) -> str:
@@ -282,22 +346,68 @@ def _vector(values: torch.Tensor, dims: int | None) -> str:
     return f"[{text}{' …' if dims is not None and len(values) > dims else ''}] ({len(values)} dims)"
 
 
+def _projection_lines(a: HeadArithmetic, hd: int) -> tuple[str, list[str]]:
+    """How q is made (the line's left side), and lines saying how k and v are made where a variant changes them."""
+    name, rank = a.variant.partition(":")[0], a.variant.partition(":")[2]
+    h, kv = a.head, a.kv_head
+    if name == "merged-qk" and rank == "full":
+        return (f"q = x·W_QK[head {h}] (merged-qk: one learned d×d matrix per head, score_j = x·W_QK·x_jᵀ)",
+                ["k_j = x_j itself (merged-qk: the key is the input, shared by every head)"])
+    if name == "merged-qk":
+        return (f"q = x·L[head {h}] (merged-qk rank {rank}: W_QK = L·Rᵀ)", [f"k_j = x_j·R[head {h}]"])
+    if name == "no-q":
+        return f"q = x[{h * hd}:{(h + 1) * hd}] (no-q: the query is x's slice for head {h}, no W_Q)", []
+    lines = {"no-k": [f"k_j = x_j[{kv * hd}:{(kv + 1) * hd}] (no-k: the key is x_j's slice for key/value head {kv}, "
+                      "no W_K)"],
+             "no-v": [f"v_j = x_j[{kv * hd}:{(kv + 1) * hd}] (no-v: the value is x_j's slice for key/value head {kv}, "
+                      "no W_V)"]}.get(name, [])
+    return f"q = x·W_Q[head {h}]" + (f" + b_Q[head {h}]" if a.q_bias else ""), lines
+
+
+def _weights_formula(a: HeadArithmetic, hd: int) -> tuple[str, str | None]:
+    """The table's title, and for a variant other than softmax the line with its formula and constants
+    (printed whole above the table: a title would wrap at the table's width)."""
+    name = a.variant.partition(":")[0]
+    scaled = "" if abs(a.scale - hd ** -0.5) < 1e-9 else f" (this model scales by {a.scale:.4f})"
+    capped = f", soft-capped at {a.softcap}" if a.softcap else ""
+    window = "" if a.window is None else f"; sliding window: only the {a.window} most recent keys"
+    if name == "kernel":
+        formula = (f"Gaussian kernel: score_j = −‖q − k_j‖²/2, w_j = softmax(score_j / √d_k + mask) "
+                   f"∝ exp(−‖q − k_j‖²/(2√d_k)), d_k = {hd}, √d_k = {hd ** 0.5:.3f}{scaled}{capped}{window}")
+    elif name == "sigmoid":
+        formula = (f"sigmoid: w_j = σ(q·k_j / √d_k − log n), n = {math.exp(-a.sigmoid_bias):.0f} (context length), "
+                   f"d_k = {hd}: each key on its own, Σ_j w_j = {float(a.weights.sum()):.3f} (need not be 1)"
+                   f"{scaled}{capped}{window}")
+    elif name == "linear":
+        phi = {"elu": "elu(t) + 1", "relu": "relu(t)"}[a.variant.partition(":")[2]]
+        formula = (f"linear attention: w_j = φ(q)·φ(k_j) / Σ_l φ(q)·φ(k_l), φ(t) = {phi}; no scale, no softmax; "
+                   f"Σ_l φ(q)·φ(k_l) = {float(a.scores.sum()):.4g}{window}")
+    else:  # softmax, also for the projection variants
+        return (f"scores and weights: softmax(q·k_j / √d_k + mask), d_k = {hd}, √d_k = {hd ** 0.5:.3f}"
+                + scaled + capped + window), None
+    return f"scores and weights ({a.variant})", formula
+
+
 def print_arithmetic(console: Console, arithmetic: HeadArithmetic, tokens: list[str], *, dims: int | None = 8,
                      n_heads: int, n_kv_heads: int) -> None:
-    """The arithmetic of one head, step by step, as the formula reads."""
+    """The arithmetic of one head, step by step, as the formula of its variant reads."""
     a = arithmetic
+    name = a.variant.partition(":")[0]
     group = n_heads // n_kv_heads
     sharing = ""
     if n_kv_heads < n_heads:
         sharers = ", ".join(str(h) for h in range(a.kv_head * group, (a.kv_head + 1) * group))
         sharing = f" — grouped-query attention: query head {a.head} shares key/value head {a.kv_head} " \
                   f"with query heads {sharers}"
-    hd = len(a.q)
-    console.print(f"layer {a.layer}, head {a.head}, query token {a.query} {tokens[a.query]!r}{sharing}",
+    hd = a.head_dim or len(a.v[0])
+    variant = "" if name == "softmax" else f" — attention variant {a.variant}"
+    console.print(f"layer {a.layer}, head {a.head}, query token {a.query} {tokens[a.query]!r}{sharing}{variant}",
                   highlight=False, markup=False, style="bold")
     console.print(f"x  (normed input of token {a.query}) = {_vector(a.x, dims)}", highlight=False, markup=False)
-    bias = f" + b_Q[head {a.head}]" if a.q_bias else ""
-    console.print(f"q = x·W_Q[head {a.head}]{bias} = {_vector(a.q_before_rope, dims)}", highlight=False, markup=False)
+    q_text, other_lines = _projection_lines(a, hd)
+    console.print(f"{q_text} = {_vector(a.q_before_rope, dims)}", highlight=False, markup=False)
+    for line in other_lines:
+        console.print(line, highlight=False, markup=False)
     steps = []
     if a.qk_norm:
         steps.append("RMS-normalised (QK-norm)")
@@ -305,19 +415,27 @@ def print_arithmetic(console: Console, arithmetic: HeadArithmetic, tokens: list[
         steps.append(f"rotated by RoPE for position {a.query}")
     if steps:
         console.print(f"q, {' and '.join(steps)} = {_vector(a.q, dims)}", highlight=False, markup=False)
-    table = Table(title=f"scores and weights: softmax(q·k_j / √d_k + mask), d_k = {hd}, √d_k = {hd ** 0.5:.3f}"
-                  + ("" if abs(a.scale - hd ** -0.5) < 1e-9 else f" (this model scales by {a.scale:.4f})")
-                  + (f", soft-capped at {a.softcap}" if a.softcap else ""))
-    for column in ("j", "key token", "k_j" + ("" if not a.uses_rope else " (after RoPE)"), "q·k_j", "× scale",
-                   "weight w_j"):
-        table.add_column(column, justify="right" if column not in ("key token", "k_j (after RoPE)", "k_j") else "left")
+    title, formula = _weights_formula(a, hd)
+    if formula is not None:
+        console.print(formula, highlight=False, markup=False, soft_wrap=True)
+    table = Table(title=title)
+    score_column = SCORE_STEP.get(name, "q·k_j")
+    scaled_column = {"sigmoid": "× scale − log n", "linear": None}.get(name, "× scale")
+    columns = ["j", "key token", "k_j" + ("" if not a.uses_rope else " (after RoPE)"), score_column, scaled_column,
+               "weight w_j"]
+    for column in columns:
+        if column is not None:
+            table.add_column(column, justify="left" if column in ("key token", columns[2]) else "right")
     for row, j in enumerate(a.key_tokens):
-        table.add_row(str(j), repr(tokens[j]), _vector(a.k[row], min(dims or 4, 4)), f"{float(a.scores[row]):+.3f}",
-                      f"{float(a.masked[row]):+.3f}", f"{float(a.weights[row]):.4f}")
+        cells = [str(j), repr(tokens[j]), _vector(a.k[row], min(dims or 4, 4)), f"{float(a.scores[row]):+.3f}"]
+        cells += [] if scaled_column is None else [f"{float(a.masked[row]):+.3f}"]
+        table.add_row(*cells, f"{float(a.weights[row]):.4f}")
     console.print(table)
     if len(a.key_tokens) < len(tokens):
-        console.print(f"keys {sorted(set(range(len(tokens))) - set(a.key_tokens))} are masked (−∞ before softmax: "
-                      "weight 0)", highlight=False, markup=False)
+        zero = {"sigmoid": "σ(−∞) = 0", "linear": "left out of both sums"}.get(name, "−∞ before softmax")
+        outside = "" if a.window is None else f", or {a.window} or more tokens back (outside the window)"
+        console.print(f"keys {sorted(set(range(len(tokens))) - set(a.key_tokens))} are masked ({zero}: weight 0)"
+                      + (f" — later than the query{outside}" if outside else ""), highlight=False, markup=False)
     console.print("output = Σ_j w_j·v_j = " + _vector(a.output, dims), highlight=False, markup=False)
     for row in a.weights.argsort(descending=True)[:3].tolist():
         j = a.key_tokens[row]
@@ -326,5 +444,6 @@ def print_arithmetic(console: Console, arithmetic: HeadArithmetic, tokens: list[
     console.print(f"contribution to the residual stream = output·W_O[head {a.head}]ᵀ = {_vector(a.contribution, dims)}",
                   highlight=False, markup=False)
     worst = max(a.check.values())
-    console.print(f"check: each step recomputed here equals the model's own value (max |Δ| = {worst:.1e})",
+    steps = "" if name == "softmax" else f" ({', '.join(a.check)})"
+    console.print(f"check: each step recomputed here equals the model's own value{steps} (max |Δ| = {worst:.1e})",
                   highlight=False, markup=False)
