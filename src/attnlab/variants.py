@@ -376,7 +376,6 @@ def module_variant(module: MultiHeadAttention) -> Variant:
     return Variant("softmax")
 
 
-
 def make_attention(config: ModelConfig, layer: int) -> MultiHeadAttention:
     """The attention module of ``layer`` for ``config.attention``."""
     variant = parse_variant(config.attention)

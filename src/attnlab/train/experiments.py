@@ -388,6 +388,19 @@ def summary(ablation: Ablation) -> list[str]:
                      f"differences are not findings.")
     else:
         lines.append("One seed: there are no error bars, and no difference here is a finding; use --seeds 3 or more.")
+    base_run = ablation.of(BASELINE)[0]
+    if ablation.match == "params":
+        unequal = [f"{v} {ablation.of(v)[0].flops / base_run.flops - 1:+.1%}" for v in ablation.variants
+                   if abs(ablation.of(v)[0].flops / base_run.flops - 1) > 0.01]
+        if unequal:
+            lines.append("Equal parameters are not equal compute: training FLOPs against softmax: " + ", ".join(unequal)
+                         + " (--match flops evens that out).")
+    else:
+        unequal = [f"{v} {ablation.of(v)[0].params / base_run.params - 1:+.1%}" for v in ablation.variants
+                   if ablation.of(v)[0].params != base_run.params]
+        if unequal:
+            lines.append("Equal FLOPs are not equal parameters: parameters against softmax: " + ", ".join(unequal)
+                         + " (--match params evens that out).")
     budget = ("equal parameters (the MLP width d_ff absorbs what a variant adds or removes; equal steps)"
               if ablation.match == "params" else
               "equal training FLOPs (each variant's natural size; steps scaled by its FLOPs per token)")
