@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_clean_error, run
+from test_cli import assert_clean_error, cli, run
 from test_train import TEXT
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -161,13 +161,13 @@ def test_cli_plans_runs_and_refuses_bad_input(tmp_path, monkeypatch):
     assert "One seed" in done.stdout and (out / "loss.png").stat().st_size > 1000
     explained = run("explain", "--model", str(out / "runs" / "no-v-seed7"), "Speak, speak.", "--token", "3")
     assert explained.returncode == 0, explained.stderr
-    assert_clean_error(run("ablate", str(config), "--variants", "no-v", "--out", str(out)),
+    assert_clean_error(cli("ablate", str(config), "--variants", "no-v", "--out", str(out)),
                        "holds an ablation report: add --overwrite")
-    assert_clean_error(run("ablate", str(config), "--variants", "flash", "--plan"), "unknown attention variant 'flash'")
-    assert_clean_error(run("ablate", str(config), "--set", 'model.positions="rope"', "--variants", "merged-qk",
+    assert_clean_error(cli("ablate", str(config), "--variants", "flash", "--plan"), "unknown attention variant 'flash'")
+    assert_clean_error(cli("ablate", str(config), "--set", 'model.positions="rope"', "--variants", "merged-qk",
                            "--plan"), "RoPE rotates q and k")
-    assert_clean_error(run("ablate", str(config), "--set", "model.d_ff=4", "--variants", "merged-qk", "--plan"),
+    assert_clean_error(cli("ablate", str(config), "--set", "model.d_ff=4", "--variants", "merged-qk", "--plan"),
                        "impossible budget")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    assert_clean_error(run("ablate", str(config), "--out", str(tmp_path / "other")), "holds no ablation report")
+    assert_clean_error(cli("ablate", str(config), "--out", str(tmp_path / "other")), "holds no ablation report")

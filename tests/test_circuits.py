@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_cli import assert_clean_error, run
+from test_cli import assert_clean_error, cli, run
 from tiny_models import tiny_hf_model
 
 import attnlab
@@ -229,10 +229,10 @@ def test_cli_circuits_tables(gpt2_checkpoint, tmp_path):
 
 def test_cli_circuits_bad_input(gpt2_checkpoint, tmp_path):
     model = str(gpt2_checkpoint)
-    assert_clean_error(run("circuits", "-m", model, "--ranks", "abc"), "--ranks: 'abc' is not a whole number")
-    assert_clean_error(run("circuits", "-m", model, "--ranks", "9"), "exceeds the model's head dimension 8")
-    assert_clean_error(run("circuits", "-m", "no-such-model"), "not a named model")
-    assert_clean_error(run("circuits", "-m", model, "--png", str(tmp_path / "missing" / "c.png")), "does not exist")
+    assert_clean_error(cli("circuits", "-m", model, "--ranks", "abc"), "--ranks: 'abc' is not a whole number")
+    assert_clean_error(cli("circuits", "-m", model, "--ranks", "9"), "exceeds the model's head dimension 8")
+    assert_clean_error(cli("circuits", "-m", "no-such-model"), "not a named model")
+    assert_clean_error(cli("circuits", "-m", model, "--png", str(tmp_path / "missing" / "c.png")), "does not exist")
 
 
 def test_smollm2_merge_is_not_exact(smollm2_path):

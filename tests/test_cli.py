@@ -1,5 +1,6 @@
 """End-to-end tests: every command run as a subprocess, as a user would, bad input included."""
 
+import io
 import json
 import os
 import subprocess
@@ -19,6 +20,23 @@ def run(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.
     env = os.environ | {"PYTHONIOENCODING": "utf-8", "COLUMNS": "160"}
     return subprocess.run([sys.executable, "-m", "attnlab.cli", *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The same command in this process, for the bad-input cases: they fail before any real work, so the ~3 s of
+    a fresh interpreter importing torch would be most of their cost. main() returns the exit status (argparse's
+    own errors raise SystemExit)."""
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from attnlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_request:
+            code = exit_request.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -91,7 +109,7 @@ def test_info_on_the_encoder_and_generate_refuses_it():
     if encoder.returncode == 2 and "not installed" in encoder.stderr:
         pytest.skip(encoder.stderr)
     assert encoder.returncode == 0 and "encoder" in encoder.stdout
-    assert_clean_error(run("generate", "--model", "minilm-l6", "hello"), "cannot generate text")
+    assert_clean_error(cli("generate", "--model", "minilm-l6", "hello"), "cannot generate text")
 
 
 def test_generate_on_an_attnlab_checkpoint(tiny_checkpoint):
@@ -102,23 +120,23 @@ def test_generate_on_an_attnlab_checkpoint(tiny_checkpoint):
 
 
 def test_bad_input_gives_one_clear_line_and_exit_2(tiny_checkpoint, tmp_path):
-    assert_clean_error(run("generate", "--model", str(tmp_path / "nope.gguf"), "hi"), "no such file")
-    assert_clean_error(run("generate", "--model", "no-such-model", "hi"), "not a named model")
-    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "   "), "prompt is empty")
-    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "a" * 40), "longer than the model's context")
-    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "ab", "--temperature", "-1"), "temperature")
-    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "ab", "--top-p", "1.5"), "top-p")
-    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "ab", "--top-k", "0"), "top-k")
-    assert_clean_error(run("generate", "--model", str(tiny_checkpoint), "ab!"), "'!'")
+    assert_clean_error(cli("generate", "--model", str(tmp_path / "nope.gguf"), "hi"), "no such file")
+    assert_clean_error(cli("generate", "--model", "no-such-model", "hi"), "not a named model")
+    assert_clean_error(cli("generate", "--model", str(tiny_checkpoint), "   "), "prompt is empty")
+    assert_clean_error(cli("generate", "--model", str(tiny_checkpoint), "a" * 40), "longer than the model's context")
+    assert_clean_error(cli("generate", "--model", str(tiny_checkpoint), "ab", "--temperature", "-1"), "temperature")
+    assert_clean_error(cli("generate", "--model", str(tiny_checkpoint), "ab", "--top-p", "1.5"), "top-p")
+    assert_clean_error(cli("generate", "--model", str(tiny_checkpoint), "ab", "--top-k", "0"), "top-k")
+    assert_clean_error(cli("generate", "--model", str(tiny_checkpoint), "ab!"), "'!'")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 10)
-    assert_clean_error(run("info", str(truncated)), "truncated or corrupt")
+    assert_clean_error(cli("info", str(truncated)), "truncated or corrupt")
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    assert_clean_error(run("info", str(folder)), "unknown architecture model_type='mamba'")
+    assert_clean_error(cli("info", str(folder)), "unknown architecture model_type='mamba'")
     (folder / "config.json").write_text("{not json")
-    assert_clean_error(run("info", str(folder)), "not valid JSON")
+    assert_clean_error(cli("info", str(folder)), "not valid JSON")
 
 
 def test_argument_errors_exit_2():
@@ -138,8 +156,8 @@ def test_heads_scores_every_head_as_table_json_and_picture(smollm2_path, tmp_pat
     assert table.returncode == 0, table.stderr
     assert "roles of all 270 heads" in table.stdout
     assert (tmp_path / "roles.png").read_bytes()[:4] == b"\x89PNG"
-    assert_clean_error(run("heads", "--svg", str(tmp_path / "missing" / "r.svg")), "does not exist")
-    assert_clean_error(run("heads", "--model", "nope"), "nope: no such file or folder")
+    assert_clean_error(cli("heads", "--svg", str(tmp_path / "missing" / "r.svg")), "does not exist")
+    assert_clean_error(cli("heads", "--model", "nope"), "nope: no such file or folder")
 
 
 def test_serve_answers_on_localhost_and_stops_on_ctrl_c(smollm2_path):
@@ -165,4 +183,4 @@ def test_serve_answers_on_localhost_and_stops_on_ctrl_c(smollm2_path):
         server.kill()
         server.wait()
     assert "Traceback" not in server.stderr.read()
-    assert_clean_error(run("serve", "--model", "nope"), "nope: no such file or folder")
+    assert_clean_error(cli("serve", "--model", "nope"), "nope: no such file or folder")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cli import assert_clean_error, run
+from test_cli import assert_clean_error, cli, run
 
 import attnlab
 from attnlab.config import ModelConfig
@@ -225,15 +225,15 @@ def test_eval_and_sample_bad_input_gives_one_clear_line(tiny_checkpoint, tmp_pat
     empty.write_text("  \n", encoding="utf-8")
     short = tmp_path / "short.txt"
     short.write_text("a", encoding="utf-8")
-    assert_clean_error(run("eval", *model, "--text", str(tmp_path / "nope.txt")), "nope.txt: no such file")
-    assert_clean_error(run("eval", *model, "--text", str(empty)), "is empty")
-    assert_clean_error(run("eval", *model, "--corpus", "nope"), "named corpora: shakespeare, sotu")
-    assert_clean_error(run("eval", *model, "--text", str(text), "--stride", "0"), "stride must be between 1 and")
-    assert_clean_error(run("eval", *model, "--text", str(text), "--context", "8", "--stride", "9"),
+    assert_clean_error(cli("eval", *model, "--text", str(tmp_path / "nope.txt")), "nope.txt: no such file")
+    assert_clean_error(cli("eval", *model, "--text", str(empty)), "is empty")
+    assert_clean_error(cli("eval", *model, "--corpus", "nope"), "named corpora: shakespeare, sotu")
+    assert_clean_error(cli("eval", *model, "--text", str(text), "--stride", "0"), "stride must be between 1 and")
+    assert_clean_error(cli("eval", *model, "--text", str(text), "--context", "8", "--stride", "9"),
                        "stride must be between 1 and the context (8), got 9")
-    assert_clean_error(run("eval", *model, "--text", str(text), "--context", "1"), "context must be between 2 and 32")
-    assert_clean_error(run("eval", *model, "--text", str(short)), "perplexity needs at least 2")
-    assert_clean_error(run("sample", str(tiny_checkpoint), "--temperature", "-1"), "temperature must be ≥ 0")
+    assert_clean_error(cli("eval", *model, "--text", str(text), "--context", "1"), "context must be between 2 and 32")
+    assert_clean_error(cli("eval", *model, "--text", str(short)), "perplexity needs at least 2")
+    assert_clean_error(cli("sample", str(tiny_checkpoint), "--temperature", "-1"), "temperature must be ≥ 0")
     both = run("eval", *model, "--text", str(text), "--corpus", "sotu")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
@@ -248,5 +248,5 @@ def test_eval_refuses_an_encoder(tmp_path):
         pytest.skip(str(error))
     text = tmp_path / "text.txt"
     text.write_text("The cat sat on the mat.", encoding="utf-8")
-    assert_clean_error(run("eval", "--model", "minilm-l6", "--text", str(text)),
+    assert_clean_error(cli("eval", "--model", "minilm-l6", "--text", str(text)),
                        "perplexity needs a causal language model")

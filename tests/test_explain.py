@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_cli import assert_clean_error, run
+from test_cli import assert_clean_error, cli, run
 
 import attnlab
 from attnlab.errors import InputError
@@ -135,9 +135,9 @@ def test_cli_explain_pictures(smollm2_path, tmp_path):
 def test_cli_explain_bad_input(smollm2_path, tmp_path, args, fragment):
     if "out.gif" in args:
         args = [a if a != "out.gif" else str(tmp_path / "out.gif") for a in args]
-    assert_clean_error(run("explain", SENTENCE, *args), fragment)
+    assert_clean_error(cli("explain", SENTENCE, *args), fragment)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_explain_refuses_text_longer_than_the_limit(smollm2_path):
-    assert_clean_error(run("explain", "word " * 1100, "--token", "0"), "attention inspection takes at most 1024")
+    assert_clean_error(cli("explain", "word " * 1100, "--token", "0"), "attention inspection takes at most 1024")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_cli import assert_clean_error, run
+from test_cli import assert_clean_error, cli, run
 
 from attnlab.capture import Capture
 from attnlab.config import ModelConfig
@@ -184,4 +184,4 @@ def test_cli_swap_table(tiny_saved):
 ])
 def test_cli_swap_bad_input_is_one_line(tiny_saved, args, fragment):
     checkpoint, _ = tiny_saved
-    assert_clean_error(run("swap", "--model", str(checkpoint), *args), fragment)
+    assert_clean_error(cli("swap", "--model", str(checkpoint), *args), fragment)

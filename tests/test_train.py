@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import assert_clean_error, run
+from test_cli import assert_clean_error, cli, run
 
 import attnlab
 from attnlab.errors import InputError
@@ -140,17 +140,17 @@ def test_existing_runs_are_protected_and_resume_checks_the_config(tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path, out, max_steps=10, checkpoint_interval=10, eval_interval=10)
     assert run("train", str(config)).returncode == 0
-    assert_clean_error(run("train", str(config)), "holds a run: add --resume to continue it or --overwrite")
-    assert_clean_error(run("train", str(config), "--resume", "--set", "train.lr=0.01"),
+    assert_clean_error(cli("train", str(config)), "holds a run: add --resume to continue it or --overwrite")
+    assert_clean_error(cli("train", str(config), "--resume", "--set", "train.lr=0.01"),
                        "trained with another config; differing keys: train.lr")
-    assert_clean_error(run("train", str(config), "--resume", "--overwrite"), "exclude each other")
+    assert_clean_error(cli("train", str(config), "--resume", "--overwrite"), "exclude each other")
     fresh = tmp_path / "fresh"
-    assert_clean_error(run("train", str(config), "--resume", "--set", f"train.out_dir={json.dumps(str(fresh))}"),
+    assert_clean_error(cli("train", str(config), "--resume", "--set", f"train.out_dir={json.dumps(str(fresh))}"),
                        "no checkpoint to resume")
     assert run("train", str(config), "--overwrite").returncode == 0
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
-    assert_clean_error(run("train", str(config), "--overwrite", "--set",
+    assert_clean_error(cli("train", str(config), "--overwrite", "--set",
                            f"train.out_dir={json.dumps(str(tmp_path / 'notes'))}"), "not an attnlab run folder")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
@@ -166,7 +166,7 @@ def test_bad_corpora_are_refused(tmp_path, corpus, fragment):
     config = write_config(tmp_path, tmp_path / "run")
     text = config.read_text().replace(json.dumps(str(tmp_path / "corpus.txt")), json.dumps(str(tmp_path / corpus)))
     config.write_text(text)
-    assert_clean_error(run("train", str(config)), fragment)
+    assert_clean_error(cli("train", str(config)), fragment)
     assert not (tmp_path / "run").exists()
 
 
