@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import assert_clean_error, cli, run
-from test_train import TEXT
+from test_train import TEXT, write_run_toml
 from torch.utils.flop_counter import FlopCounterMode
 
 import attnlab
@@ -31,16 +31,10 @@ VARIANTS = ["softmax", "no-q", "no-k", "no-v", "merged-qk", "merged-qk:4", "line
 
 def write_base(folder: Path, **train) -> Path:
     """A tiny GPT-2-style char run on TEXT (learned positions, so every variant fits)."""
-    corpus = folder / "corpus.txt"
-    corpus.write_text(TEXT)
     table = {"batch_size": 8, "max_steps": 16, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_batches": 1,
              "log_interval": 4, "seed": 7} | train
-    lines = ["[model]", 'family = "gpt2"', "n_layers = 2", "n_heads = 4", "d_model = 32", "qkv_bias = false", "",
-             "[data]", f"corpus = {json.dumps(str(corpus))}", 'tokenizer = "char"', "context = 32", "", "[train]"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
-    path = folder / "base.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    model = {"family": "gpt2", "n_layers": 2, "n_heads": 4, "d_model": 32, "qkv_bias": False}
+    return write_run_toml(folder, model, table, "base.toml")
 
 
 @pytest.fixture()

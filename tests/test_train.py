@@ -25,19 +25,25 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 300
 
 
-def write_config(folder: Path, out_dir: Path, **train_overrides) -> Path:
-    """A small char-level run on TEXT: fast enough for tests, big enough to learn something."""
+def write_run_toml(folder: Path, model: dict, train: dict, name: str = "run.toml") -> Path:
+    """A run config over TEXT (written beside it as corpus.txt), char tokens, context 32."""
     corpus = folder / "corpus.txt"
     corpus.write_text(TEXT)
+    lines = ["[model]"] + [f"{key} = {json.dumps(value)}" for key, value in model.items()]
+    lines += ["", "[data]", f"corpus = {json.dumps(str(corpus))}", 'tokenizer = "char"', "context = 32", "", "[train]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in train.items()]
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_config(folder: Path, out_dir: Path, **train_overrides) -> Path:
+    """A small char-level run on TEXT: fast enough for tests, big enough to learn something."""
     train_table = {"batch_size": 8, "max_steps": 40, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
                    "eval_interval": 20, "eval_batches": 2, "checkpoint_interval": 20, "log_interval": 5,
                    "seed": 7, "out_dir": str(out_dir)} | train_overrides
-    lines = ["[model]", 'family = "llama"', "n_layers = 2", "n_heads = 4", "n_kv_heads = 2", "d_model = 64", "",
-             "[data]", f"corpus = {json.dumps(str(corpus))}", 'tokenizer = "char"', "context = 32", "", "[train]"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in train_table.items()]
-    path = folder / "run.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    model = {"family": "llama", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_model": 64}
+    return write_run_toml(folder, model, train_table)
 
 
 def final_parameters(out_dir: Path) -> dict[str, torch.Tensor]:

@@ -47,6 +47,25 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system message for chat models")
 
 
+def _add_picture(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--png", metavar="FILE", help=f"picture: {what}")
+    parser.add_argument("--svg", metavar="FILE", help="the same picture as SVG")
+
+
+def _add_held_out_text(parser: argparse.ArgumentParser, *, max_tokens: int, cost: str) -> None:
+    """--corpus / --eval-text / --max-tokens / --context: the held-out text a command scores perplexity on."""
+    held_out = parser.add_mutually_exclusive_group()
+    held_out.add_argument("--corpus", metavar="NAME",
+                          help="held-out text for perplexity, a named corpus: " + ", ".join(CORPORA)
+                               + " (default: sotu)")
+    held_out.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity: a UTF-8 file or folder")
+    parser.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                        help=f"perplexity on the first N tokens of the held-out text (default: {max_tokens})")
+    parser.add_argument("--context", type=_positive_int, metavar="N",
+                        help=f"tokens per perplexity window; windows do not overlap (default: min(512, model's)). "
+                             f"Defaults take {cost}")
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, stop=args.stop)
@@ -95,9 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the whole arithmetic for one layer/head (default: the head that looks hardest "
                               "at the most-attended other token)")
     explain.add_argument("--all-dims", action="store_true", help="with --math: print every dimension")
-    explain.add_argument("--png", metavar="FILE", help="picture: one head (--layer and --head), a layer's heads "
-                                                       "(--layer), or the token across all layers × heads")
-    explain.add_argument("--svg", metavar="FILE", help="the same picture as SVG")
+    _add_picture(explain, "one head (--layer and --head), a layer's heads (--layer), or the token across all "
+                          "layers × heads")
     explain.add_argument("--html", metavar="FILE", help="write the interactive page (one offline file)")
     explain.add_argument("--json", action="store_true", help="print tokens, the full probability tensor and the table")
     explain.set_defaults(handler=cmd_explain)
@@ -107,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--text", help="natural text to measure the position roles on (default: a fixed paragraph)")
     heads.add_argument("--seed", type=int, default=0, help="seed of the random repeated sequences (induction)")
     heads.add_argument("--top", type=_positive_int, help="show only the N strongest heads of each role")
-    heads.add_argument("--png", metavar="FILE", help="picture of the roles (layers × heads)")
-    heads.add_argument("--svg", metavar="FILE", help="the same picture as SVG")
+    _add_picture(heads, "the roles (layers × heads)")
     heads.add_argument("--json", action="store_true")
     heads.set_defaults(handler=cmd_heads)
 
@@ -120,19 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     circuits.add_argument("--ranks", metavar="R,R,…",
                           help="W_QK ranks to measure perplexity at, each 1-head_dim (default: head_dim, /2, /4, /8; "
                                "SmolLM2: 64,32,16,8)")
-    held_out = circuits.add_mutually_exclusive_group()
-    held_out.add_argument("--corpus", metavar="NAME",
-                          help="held-out text for perplexity, a named corpus: " + ", ".join(CORPORA)
-                               + " (default: sotu)")
-    held_out.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity: a UTF-8 file or folder")
-    circuits.add_argument("--max-tokens", type=_positive_int, metavar="N",
-                          help="perplexity on the first N tokens of the held-out text (default: 4096)")
-    circuits.add_argument("--context", type=_positive_int, metavar="N",
-                          help="tokens per perplexity window; windows do not overlap (default: min(512, model's)). "
-                               "Defaults take ~1-2 min on SmolLM2 with 2 CPU cores")
+    _add_held_out_text(circuits, max_tokens=4096, cost="~1-2 min on SmolLM2 with 2 CPU cores")
     circuits.add_argument("--no-perplexity", action="store_true", help="spectra and exactness only")
-    circuits.add_argument("--png", metavar="FILE", help="picture: spectra per head and effective-rank heatmaps")
-    circuits.add_argument("--svg", metavar="FILE", help="the same picture as SVG")
+    _add_picture(circuits, "spectra per head and effective-rank heatmaps")
     circuits.add_argument("--json", action="store_true")
     circuits.set_defaults(handler=cmd_circuits)
 
@@ -143,15 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the kernel to swap in (repeatable): softmax, kernel, sigmoid, linear:elu, linear:relu, "
                            "sliding-window:<w> (a mask: the w most recent keys)")
     swap.add_argument("--layers", default="all", metavar="all|0-5|0,3,7", help="which layers to swap (default: all)")
-    held_out = swap.add_mutually_exclusive_group()
-    held_out.add_argument("--corpus", metavar="NAME",
-                          help="held-out text, a named corpus: " + ", ".join(CORPORA) + " (default: sotu)")
-    held_out.add_argument("--eval-text", metavar="FILE", help="held-out text: a UTF-8 file or folder")
-    swap.add_argument("--max-tokens", type=_positive_int, metavar="N",
-                      help="score the first N tokens of the held-out text (default: 2048)")
-    swap.add_argument("--context", type=_positive_int, metavar="N",
-                      help="tokens per window; windows do not overlap (default: min(512, model's)). Defaults take "
-                           "~1-2 min on SmolLM2 with 2 CPU cores for 4 kernels")
+    _add_held_out_text(swap, max_tokens=2048, cost="~1-2 min on SmolLM2 with 2 CPU cores for 4 kernels")
     swap.add_argument("--json", action="store_true")
     swap.set_defaults(handler=cmd_swap)
 
@@ -482,8 +481,7 @@ def cmd_circuits(args: argparse.Namespace) -> None:
     ranks = None if args.ranks is None else parse_ranks(args.ranks, config.head_dim)
     eval_text, source = None, None
     if not args.no_perplexity and config.lm_head and config.causal:
-        corpus = args.corpus if args.corpus is not None or args.eval_text is not None else "sotu"
-        eval_text, source = _eval_text(argparse.Namespace(corpus=corpus, text=args.eval_text))
+        eval_text, source = _held_out_text(args, "sotu")
     report = analyse_circuits(lm, text=DEFAULT_TEXT if args.text is None else args.text, ranks=ranks,
                               eval_text=eval_text, eval_source=source or "text", context=args.context,
                               max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
@@ -567,8 +565,7 @@ def cmd_swap(args: argparse.Namespace) -> None:
 
     lm = attnlab.load(args.model)
     layers = swap.parse_layers(args.layers, lm.config.n_layers)
-    corpus = args.corpus if args.corpus is not None or args.eval_text is not None else swap.DEFAULT_CORPUS
-    text, source = _eval_text(argparse.Namespace(corpus=corpus, text=args.eval_text))
+    text, source = _held_out_text(args, swap.DEFAULT_CORPUS)
     report = swap.swap_perplexities(lm, args.to, text, layers=layers, source=source, context=args.context,
                                     max_tokens=swap.DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
                                     say=say)
@@ -624,6 +621,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for field, value in rows:
         table.add_row(field, value)
     Console().print(table)
+
+
+def _held_out_text(args: argparse.Namespace, default_corpus: str) -> tuple[str, str]:
+    """The text of :func:`_add_held_out_text`'s options (--corpus NAME or --eval-text FILE, else the default)."""
+    corpus = args.corpus if args.corpus is not None or args.eval_text is not None else default_corpus
+    return _eval_text(argparse.Namespace(corpus=corpus, text=args.eval_text))
 
 
 def _eval_text(args: argparse.Namespace) -> tuple[str, str]:
