@@ -348,7 +348,7 @@ def results_table(ablation: Ablation) -> list[dict[str, str]]:
         runs = ablation.of(variant)
         loss, loss_std = _mean_std([r.val_loss for r in runs])
         ppl, ppl_std = _mean_std([math.exp(r.val_loss) for r in runs])
-        wall, _ = _mean_std([r.wall_seconds for r in runs])
+        wall, wall_std = _mean_std([r.wall_seconds for r in runs])
         if variant == BASELINE:
             delta = "—"
         else:
@@ -358,7 +358,7 @@ def results_table(ablation: Ablation) -> list[dict[str, str]]:
         rows.append({"variant": variant, "val loss": _pm(loss, loss_std), "perplexity": _pm(ppl, ppl_std, 2),
                      "Δ val loss vs softmax": delta, "params": f"{runs[0].params:,}", "d_ff": str(runs[0].d_ff),
                      "steps": f"{runs[0].steps:,}", "training TFLOP": f"{runs[0].flops / 1e12:.2f}",
-                     "wall s / run": f"{wall:.0f}"})
+                     "wall s / run": _pm(wall, wall_std, 0)})
     return rows
 
 
