@@ -162,6 +162,9 @@ def test_cli_plans_runs_and_refuses_bad_input(tmp_path, monkeypatch):
                            "--plan"), "RoPE rotates q and k")
     assert_clean_error(cli("ablate", str(config), "--set", "model.d_ff=4", "--variants", "merged-qk", "--plan"),
                        "impossible budget")
+    assert_clean_error(cli("ablate", str(config), "--eval-batches", "0", "--plan"), "--eval-batches must be ≥ 1")
+    assert_clean_error(cli("ablate", str(config), "--jobs", "0"), "--jobs must be ≥ 1")
+    assert_clean_error(cli("ablate", str(config), "--seeds", "0", "--plan"), "--seeds must be ≥ 1")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert_clean_error(cli("ablate", str(config), "--out", str(tmp_path / "other")), "holds no ablation report")

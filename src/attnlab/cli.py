@@ -720,12 +720,20 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from attnlab.errors import InputError
     from attnlab.train.config import load_run_config
     from attnlab.train.data import build_tokenizer
-    from attnlab.train.experiments import check_report_dir, plan_ablation, results_table, run_ablation, summary
+    from attnlab.train.experiments import (
+        check_report_dir,
+        check_run_options,
+        plan_ablation,
+        results_table,
+        run_ablation,
+        summary,
+    )
 
     if args.config is None and args.preset is None:
         args.preset = "ablation-char"
     base = load_run_config(args.config, args.preset, args.overrides)
     out_dir = Path(args.out)
+    check_run_options(args.jobs, args.eval_batches)
     if not args.plan:  # refuse a wrong folder before reading the corpus
         check_report_dir(out_dir, overwrite=args.overwrite)
     text = read_corpus(base.data.corpus)

@@ -253,9 +253,8 @@ def run_ablation(base: RunConfig, plan: list[PlannedRun], text: str, out_dir: Pa
                  jobs: int = 1, eval_batches: int = 50, overwrite: bool = False,
                  progress: Callable[[str, int, int], None] | None = None) -> Ablation:
     """Train every planned run (``jobs`` at a time, each on cores // jobs threads) and write the report."""
+    check_run_options(jobs, eval_batches)
     prepare_report_dir(out_dir, overwrite=overwrite)
-    if jobs < 1:
-        raise InputError(f"--jobs must be ≥ 1, got {jobs}")
     threads = max(1, torch.get_num_threads() // jobs)
     data = TokenData.prepare(text, base.data.tokenizer, base.data.context, base.data.val_fraction, base.train.seed,
                              base.data.corpus)
@@ -281,6 +280,13 @@ def run_ablation(base: RunConfig, plan: list[PlannedRun], text: str, out_dir: Pa
                         wall_seconds=time.perf_counter() - start)
     write_report(ablation, out_dir)
     return ablation
+
+
+def check_run_options(jobs: int, eval_batches: int) -> None:
+    if jobs < 1:
+        raise InputError(f"--jobs must be ≥ 1, got {jobs}")
+    if eval_batches < 1:
+        raise InputError(f"--eval-batches must be ≥ 1, got {eval_batches}")
 
 
 def check_report_dir(out_dir: Path, *, overwrite: bool) -> None:
