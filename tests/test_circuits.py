@@ -1,6 +1,7 @@
 """W_QK / W_OV circuits: merging is exact with absolute positions and not with RoPE; spectra, effective
 ranks and truncation against their definitions; `attnlab circuits` end to end."""
 
+import dataclasses
 import json
 import math
 
@@ -29,9 +30,10 @@ from attnlab.inspect.circuits import (
     truncated_factors,
 )
 from attnlab.lm import LanguageModel
+from attnlab.model import Transformer
 from attnlab.tokenizer import CharTokenizer
 from attnlab.weights import build_model
-from attnlab.weights.checkpoint import save_checkpoint
+from attnlab.weights.checkpoint import load_checkpoint, save_checkpoint
 from attnlab.weights.huggingface import load_hf_folder
 
 pytest.importorskip("transformers")
@@ -240,3 +242,17 @@ def test_smollm2_merge_is_not_exact(smollm2_path):
     result = merge_exactness(lm, "The capital of France is Paris, and the capital of Italy is Rome.")
     assert result.obstacles == [ROPE_REASON]
     assert result.overall_relative_error > 0.1  # measured 0.41 here, 0.83 on the default paragraph
+
+
+@pytest.mark.parametrize("spec", ["no-q", "merged-qk", "kernel", "linear"])
+def test_attention_variants_are_refused_in_one_line(gpt2_checkpoint, tmp_path, spec):
+    """W_QK = W_Q W_Kᵀ is about softmax attention's own projections; a variant model gets a clear refusal."""
+    config, state, _ = load_checkpoint(gpt2_checkpoint)
+    variant_config = dataclasses.replace(config, attention=spec, qkv_bias=False)
+    model = Transformer(variant_config)
+    saved = save_checkpoint(tmp_path / spec, variant_config, model.state_dict(), LETTERS)
+    lm = attnlab.load(saved)
+    with pytest.raises(InputError, match=f"layer 0 of {spec} computes {spec}"):
+        head_spectra(lm)
+    assert_clean_error(cli("circuits", "--model", str(saved), "--text", "abc", "--no-perplexity"),
+                       "circuits reads W_Q, W_K, W_V of softmax attention")

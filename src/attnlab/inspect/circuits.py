@@ -172,8 +172,23 @@ class Spectra:
 
 
 @torch.no_grad()
+def require_softmax_projections(lm: LanguageModel) -> None:
+    """InputError unless every layer is softmax attention with its own W_Q, W_K, W_V: what W_QK = W_Q W_Kᵀ,
+    W_OV = W_V W_O and the merge test are about. (A trained attention variant has other parameters or
+    scores that are not q·k; for merged-qk, W_QK is a parameter itself: ``blocks[i].attention.w_qk``.)"""
+    from attnlab.variants import module_variant
+
+    for layer, block in enumerate(lm.model.blocks):
+        if type(block.attention) is not MultiHeadAttention:
+            variant = module_variant(block.attention)
+            raise InputError(f"circuits reads W_Q, W_K, W_V of softmax attention; layer {layer} of {lm.name} computes "
+                             f"{variant} attention, whose projections or scores are not those (train or load a "
+                             f"softmax model)")
+
+
 def head_spectra(lm: LanguageModel) -> Spectra:
     """σ(W_QK^h) and σ(W_OV^h) of every head of every layer (weights only, no bias row)."""
+    require_softmax_projections(lm)
     qk, ov = [], []
     for block in lm.model.blocks:
         qk.append(product_singular_values(*qk_factors(block.attention)))
@@ -234,6 +249,7 @@ def merge_exactness(lm: LanguageModel, text: str) -> Exactness:
     The merged product is taken in float64, so what remains for an absolute-position model is the
     model's own fp32 rounding.
     """
+    require_softmax_projections(lm)
     ids = lm._input_ids(text)
     config = lm.config
     capture = Capture(points=("input", "scores", "masked_scores", "probs"))
@@ -289,6 +305,7 @@ def factorised_model(lm: LanguageModel, rank: int) -> LanguageModel:
     rank = head_dim gives back the original model; with RoPE it does not, since the rotation then acts
     on the new basis of q and k — the same reason the merge is not exact.
     """
+    require_softmax_projections(lm)
     config = lm.config
     hd, d, n_heads = config.head_dim, config.d_model, config.n_heads
     if not 1 <= rank <= hd:
@@ -444,6 +461,7 @@ def analyse_circuits(lm: LanguageModel, *, text: str, ranks: Sequence[int] | Non
     The perplexity part is skipped (with a note) for encoders, without ``eval_text``, or when not asked.
     """
     config = lm.config
+    require_softmax_projections(lm)  # before any message: a refusal is one line
     say(f"singular values of {config.n_layers * config.n_heads} heads' W_QK and W_OV…")
     spectra = head_spectra(lm)
     say("merged W_QK against the model's own scores…")
