@@ -60,7 +60,8 @@ class AttentionMask:
     """
 
     def __init__(self, query_positions: torch.Tensor, n_keys: int, *, causal: bool,
-                 sliding_window: int | None = None, key_padding: torch.Tensor | None = None) -> None:
+                 sliding_window: int | None = None, key_padding: torch.Tensor | None = None,
+                 last_query_position: int | None = None) -> None:
         self.query_positions = query_positions
         self.n_keys = n_keys
         self.causal = causal
@@ -69,7 +70,9 @@ class AttentionMask:
         n_queries = len(query_positions)
         simple = sliding_window is None and key_padding is None
         self.is_plain_causal = simple and causal and n_queries == n_keys
-        self.sees_everything = simple and (not causal or (n_queries == 1 and int(query_positions[0]) == n_keys - 1))
+        if last_query_position is None:  # the model passes it: reading a tensor would stop torch.compile's trace
+            last_query_position = int(query_positions[-1])
+        self.sees_everything = simple and (not causal or (n_queries == 1 and last_query_position == n_keys - 1))
         self._allowed: torch.Tensor | None = None
         self._additive: dict[torch.dtype, torch.Tensor] = {}
 
@@ -165,13 +168,19 @@ class MultiHeadAttention(nn.Module):
         self.scale = config.attn_scale if config.attn_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.softcap = config.attn_logit_softcap
         self.key_heads, self.key_dim = self.n_kv_heads, self.head_dim  # what a KV cache stores per key
+        self.w_qkv: nn.Module | None = None  # W_Q, W_K, W_V fused at load time for speed (attnlab.fast)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, d) → q (B, H, T, hd), k (B, H_kv, T, hd), v (B, H_kv, T, hd)."""
         B, T, _ = x.shape
-        q = self.w_q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.w_k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = self.w_v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        if self.w_qkv is not None:  # one matmul instead of three, same numbers
+            q, k, v = self.w_qkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                           self.n_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
         return q, k, v
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,

@@ -15,6 +15,7 @@ from rich.table import Table
 from attnlab.data.corpora import CORPORA
 from attnlab.errors import AttnlabError
 from attnlab.evaluate import BOS_MODES
+from attnlab.fast import MODES
 from attnlab.train.config import PRESETS
 from attnlab.train.experiments import DEFAULT_VARIANTS, MATCHES, default_jobs
 from attnlab.weights.registry import DEFAULT_MODEL
@@ -35,6 +36,16 @@ def _positive_int(text: str) -> int:
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
                         help=f"named model, .gguf file, HF folder or attnlab checkpoint (default: {DEFAULT_MODEL})")
+
+
+def _add_mode(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--mode", choices=("auto", *MODES), default=default,
+                        help=f"weights for inference: auto = the fastest this machine runs (int4 where torch's int4 "
+                             f"CPU kernel exists; fp32 for models under 20M parameters and encoders), or force "
+                             f"one (default: {default})")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                        help="run the decode step eagerly (default: compiled in every mode but fp32; built once "
+                             "per model and machine, then cached)")
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
@@ -80,12 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the prompt text")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_sampling(generate)
+    _add_mode(generate)
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     generate.set_defaults(handler=cmd_generate)
 
     chat = commands.add_parser("chat", help="interactive chat that keeps the history (reads stdin if not a TTY)")
     _add_model(chat)
     _add_sampling(chat)
+    _add_mode(chat)
     chat.set_defaults(handler=cmd_chat)
 
     models = commands.add_parser("models", help="list the named models, whether installed, and their sizes")
@@ -170,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "is scored too")
     evaluate.add_argument("--max-tokens", type=_positive_int, metavar="N",
                           help="score only the first N tokens of the text (bits per byte: of those tokens' text)")
+    evaluate.add_argument("--mode", choices=("auto", *MODES), default="fp32",
+                          help="score the model in this inference mode; any mode but fp32 also scores fp32 and "
+                               "reports the change (default: fp32)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -187,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass ≥ p")
     sample.add_argument("--seed", type=int, default=None, metavar="S",
                         help="sample i uses seed S + i: a run is reproducible")
+    _add_mode(sample)
     sample.add_argument("--json", action="store_true")
     sample.set_defaults(handler=cmd_sample)
 
@@ -233,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> None:
     import attnlab
 
-    lm = attnlab.load(args.model)
+    lm = attnlab.load(args.model, mode=args.mode, compile=args.compile)
     ids = lm.prompt_ids(args.prompt, chat=args.chat, system=args.system)
     pieces = lm.stream_ids(ids, **_sampling_kwargs(args))
     if args.json:
@@ -249,7 +266,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     import attnlab
 
-    lm = attnlab.load(args.model)
+    lm = attnlab.load(args.model, mode=args.mode, compile=args.compile)
     interactive = sys.stdin.isatty()
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     if interactive:
@@ -598,14 +615,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from attnlab.evaluate import perplexity
 
     text, source = _eval_text(args)
-    lm = attnlab.load(args.model)
-    result = perplexity(lm, text, context=args.context, stride=args.stride, bos=args.bos,
-                        max_tokens=args.max_tokens, source=source, progress=True)
+    lm = attnlab.load(args.model, mode=args.mode, compile=False)
+    options = dict(context=args.context, stride=args.stride, bos=args.bos, max_tokens=args.max_tokens, source=source,
+                   progress=True)
+    result, mode = perplexity(lm, text, **options), lm.mode
+    reference = None
+    if mode != "fp32":  # the quality guard: what the mode costs, on the same windows
+        del lm
+        reference = perplexity(attnlab.load(args.model), text, **options)
     if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+        extra = {"mode": mode} if reference is None else {"mode": mode, "fp32_perplexity": reference.perplexity,
+                                              "perplexity_change": result.perplexity / reference.perplexity - 1}
+        print(json.dumps(result.to_json() | extra, ensure_ascii=False))
         return
     rows = [
-        ("model", result.model),
+        ("model", f"{result.model} ({mode})"),
         ("source", result.source),
         ("tokens scored", f"{result.tokens_scored:,} of {result.tokens:,}"),
         ("windows", f"{result.windows:,}"),
@@ -615,6 +639,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         ("perplexity", f"{result.perplexity:.3f}"),
         ("bits per byte", f"{result.bits_per_byte:.4f} ({result.bytes:,} bytes)"),
     ]
+    if reference is not None:
+        change = result.perplexity / reference.perplexity - 1
+        rows += [("fp32 perplexity", f"{reference.perplexity:.3f}"), (f"{mode} vs fp32", f"{change:+.2%}")]
     table = Table(title="perplexity", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -651,7 +678,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     import attnlab
     from attnlab.errors import TokenizerError
 
-    lm = attnlab.load(args.checkpoint or args.model or DEFAULT_MODEL)
+    lm = attnlab.load(args.checkpoint or args.model or DEFAULT_MODEL, mode=args.mode, compile=args.compile)
     if args.prompt is not None:
         ids, prompt = lm.prompt_ids(args.prompt), args.prompt
     else:

@@ -175,7 +175,7 @@ def _encode_prefix(tokenizer: Tokenizer, text: str, max_tokens: int | None) -> l
 def _score_windows(lm: LanguageModel, ids: list[int], windows: list[Window], prefix: list[int],
                    progress: bool) -> float:
     """Summed NLL (nats) of the scored tokens of every window."""
-    device = lm.model.output_weight().device
+    device = lm.model.device
     total = 0.0
     console = Console(stderr=True)
     columns = (TextColumn("scoring windows"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -5,7 +5,7 @@ position. Text is streamed as it becomes printable: partial UTF-8 characters and
 could still turn into a stop string are held back until resolved.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +13,9 @@ import torch
 from attnlab.errors import InputError
 from attnlab.kv_cache import KVCache
 from attnlab.model import Transformer
+
+# ids (B, 1) of the newest tokens, the cache → next-token logits (B, vocab)
+DecodeStep = Callable[[torch.Tensor, KVCache], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,12 @@ def sample_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator:
 @torch.inference_mode()
 def generate_token_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int,
                        sampling: SamplingConfig = SamplingConfig(),
-                       stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
+                       stop_ids: frozenset[int] = frozenset(),
+                       decode_step: DecodeStep | None = None) -> Iterator[int]:
     """Yield new token ids one at a time; stops after a stop id (yielded) or max_new_tokens.
+
+    decode_step(ids (1, 1), cache) → logits (1, vocab) runs each single-token step (a compiled one, from
+    ``attnlab.fast``); by default the model itself.
 
     Generation may run past the model's context: when it is full, decoding continues on its most
     recent half (positions restart, as they must for a model trained on windows of that length).
@@ -75,13 +82,13 @@ def generate_token_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator().manual_seed(sampling.seed)
-    weight = model.output_weight()
+    device = model.device
     capacity = min(len(prompt_ids) + max_new_tokens, config.context_length)
     sequence = list(prompt_ids)
 
     def prefill(window: list[int]) -> tuple[KVCache, torch.Tensor]:
-        cache = model.new_kv_cache(1, capacity, dtype=weight.dtype, device=weight.device)
-        ids = torch.tensor([window], device=weight.device)
+        cache = model.new_kv_cache(1, capacity, dtype=model.dtype, device=device)
+        ids = torch.tensor([window], device=device)
         return cache, model(ids, kv_cache=cache, last_position_only=True)[0, -1]
 
     cache, logits = prefill(sequence)
@@ -96,8 +103,11 @@ def generate_token_ids(model: Transformer, prompt_ids: Sequence[int], *, max_new
             # recent half of it, recomputed once, rather than stop (nanoGPT crops the same way).
             cache, logits = prefill(sequence[-(config.context_length // 2):])
             continue
-        ids = torch.tensor([[token]], device=weight.device)
-        logits = model(ids, kv_cache=cache, last_position_only=True)[0, -1]  # one decode step
+        ids = torch.tensor([[token]], device=device)
+        if decode_step is None:
+            logits = model(ids, kv_cache=cache, last_position_only=True)[0, -1]  # one decode step
+        else:
+            logits = decode_step(ids, cache)[0]
 
 
 def stream_text(token_ids: Iterator[int], decode, stop_ids: frozenset[int],

@@ -23,6 +23,13 @@ class KVCache:
         self.capacity = capacity
         self.length = 0  # tokens stored so far (the same for every layer once a forward pass ends)
 
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> "KVCache":
+        """A cache over existing buffers whose first ``length`` slots are filled (the exported decode step's view)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.capacity, cache.length = keys, values, keys.shape[3], length
+        return cache
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv_heads, T, hd) after the filled prefix; return all keys and values so far."""
         start, end = self.length, self.length + k.shape[2]

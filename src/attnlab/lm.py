@@ -5,36 +5,43 @@ A source is a named model (``smollm2-135m-instruct``), a ``.gguf`` file, a Huggi
 """
 
 import hashlib
+import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from attnlab import fast
 from attnlab.capture import Capture
+from attnlab.config import ModelConfig
 from attnlab.errors import InputError, ModelNotFoundError
-from attnlab.generate import SamplingConfig, generate_token_ids, stream_text
+from attnlab.generate import DecodeStep, SamplingConfig, generate_token_ids, stream_text
 from attnlab.inspect.attention_map import AttentionMap, group_words
 from attnlab.model import Transformer
 from attnlab.paths import cache_dir
 from attnlab.tokenizer import HFTokenizer, Tokenizer, tokenizer_from_gguf, tokenizer_from_spec
 from attnlab.weights import build_model
-from attnlab.weights.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from attnlab.weights.checkpoint import is_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 from attnlab.weights.gguf import load_gguf, open_gguf
 from attnlab.weights.huggingface import load_hf_folder
 from attnlab.weights.registry import DEFAULT_MODEL, NAMED_MODELS, resolve_named_model
 
 CONVERTED_FORMAT = "2"  # bump when the GGUF conversion changes, so stale caches are not reused
+PREPARED_FORMAT = "1"  # bump when attnlab.fast changes how a prepared (quantised) model is stored
 MAX_INSPECT_TOKENS = 1024  # SmolLM2: 30 layers × 9 heads × 1024² fp32 = 1.1 GB of attention maps
 
 
 class LanguageModel:
     """A Transformer with its tokenizer: the object users and every command work with."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str, *, mode: str = "fp32",
+                 decode_step: DecodeStep | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.mode = mode  # the inference mode the weights are in (attnlab.fast): fp32 is the exact model
+        self.decode_step = decode_step  # a compiled single-token step, or None for the model itself
 
     @property
     def config(self):
@@ -43,7 +50,7 @@ class LanguageModel:
     def __repr__(self) -> str:
         c = self.config
         return (f"LanguageModel({self.name!r}, family={c.family}, layers={c.n_layers}, heads={c.n_heads}/"
-                f"{c.n_kv_heads} kv, d_model={c.d_model}, params={c.n_parameters() / 1e6:.1f}M)")
+                f"{c.n_kv_heads} kv, d_model={c.d_model}, params={c.n_parameters() / 1e6:.1f}M, mode={self.mode})")
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,7 +151,7 @@ class LanguageModel:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stop_ids = self.tokenizer.stop_ids
         tokens = generate_token_ids(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                                    stop_ids=stop_ids)
+                                    stop_ids=stop_ids, decode_step=self.decode_step)
         return stream_text(tokens, self.tokenizer.decode, stop_ids, stop)
 
     def stream(self, prompt: str, *, chat: bool = False, system: str | None = None, **sampling) -> Iterator[str]:
@@ -179,11 +186,17 @@ class LanguageModel:
         return ids
 
 
-def load(source: str | Path = DEFAULT_MODEL, *, use_cache: bool = True) -> LanguageModel:
+def load(source: str | Path = DEFAULT_MODEL, *, use_cache: bool = True, mode: str = "fp32",
+         compile: bool | None = None) -> LanguageModel:
     """Load a model by name, .gguf path, Hugging Face folder, attnlab checkpoint or training run folder.
 
     GGUF files are dequantised to fp32 once and cached as an attnlab checkpoint (``use_cache``),
     because parsing and dequantising a GGUF takes seconds that nobody should pay at every start.
+
+    mode: ``fp32`` (default: the exact model, what inspection reads), ``bf16``, ``int8``, ``int4`` or
+    ``auto`` (the fastest this machine runs; see ``attnlab.fast``). A prepared (quantised) model is cached
+    too, so later loads never touch the fp32 weights. compile: compile the decode step (default: in every
+    mode but fp32); built once per model and machine, then reused.
     """
     text = str(source)
     if text in NAMED_MODELS:
@@ -196,33 +209,73 @@ def load(source: str | Path = DEFAULT_MODEL, *, use_cache: bool = True) -> Langu
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelNotFoundError(f"{path}: expected a .gguf file, a Hugging Face folder or an attnlab checkpoint")
-        return _load_gguf(path, name, use_cache)
+        converted = _converted_gguf(path, name, use_cache)
+        if isinstance(converted, LanguageModel):  # not cached: the freshly converted fp32 model
+            return _with_mode(converted, mode, compile, cache_key=None)
+        return _load_checkpoint_folder(converted, name, str(path), mode, compile, use_cache)
     if not is_checkpoint(path) and is_checkpoint(path / "checkpoint"):  # a training run's folder
         path = path / "checkpoint"
     if is_checkpoint(path):
-        config, state, manifest = load_checkpoint(path)
-        if manifest.get("tokenizer") is None:
-            raise ModelNotFoundError(f"{path}: checkpoint has no tokenizer")
-        return LanguageModel(build_model(config, state, str(path)), tokenizer_from_spec(path, manifest["tokenizer"]),
-                             name)
+        return _load_checkpoint_folder(path, name, str(path), mode, compile, use_cache)
     if (path / "config.json").is_file():
         config, state = load_hf_folder(path)
         if not (path / "tokenizer.json").is_file():
             raise ModelNotFoundError(f"{path}: no tokenizer.json beside config.json")
-        return LanguageModel(build_model(config, state, str(path)), HFTokenizer.from_file(path / "tokenizer.json"),
-                             name)
+        lm = LanguageModel(build_model(config, state, str(path)), HFTokenizer.from_file(path / "tokenizer.json"), name)
+        return _with_mode(lm, mode, compile, cache_key=None)
     raise ModelNotFoundError(f"{path}: folder holds neither attnlab.json (attnlab checkpoint) nor config.json "
                              f"(Hugging Face checkpoint)")
 
 
-def _load_gguf(path: Path, name: str, use_cache: bool) -> LanguageModel:
+def _load_checkpoint_folder(folder: Path, name: str, source: str, mode: str, compile: bool | None,
+                            use_cache: bool) -> LanguageModel:
+    """An attnlab checkpoint in the asked-for mode; a prepared (quantised) copy is cached beside the others."""
+    manifest = read_manifest(folder)
+    if manifest.get("tokenizer") is None:
+        raise ModelNotFoundError(f"{folder}: checkpoint has no tokenizer")
+    config = ModelConfig.from_dict(manifest["config"])
+    tokenizer = tokenizer_from_spec(folder, manifest["tokenizer"])
+    resolved = fast.resolve_mode(mode, config)
+    weights = folder / "model.safetensors"
+    stat = weights.stat() if weights.exists() else None
+    key = hashlib.sha256(f"{folder.resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}|"
+                         f"{resolved}|{PREPARED_FORMAT}|{torch.__version__}".encode()).hexdigest()[:24]
+    prepared = cache_dir() / "prepared" / f"{key}.safetensors"
+    if resolved != "fp32" and use_cache and prepared.is_file():
+        lm = LanguageModel(fast.load_prepared(config, resolved, prepared), tokenizer, name, mode=resolved)
+        return _with_mode(lm, resolved, compile, cache_key=key)
+    config, state, _ = load_checkpoint(folder)
+    lm = _with_mode(LanguageModel(build_model(config, state, source), tokenizer, name), resolved, compile, key)
+    if resolved != "fp32" and use_cache:
+        try:
+            fast.save_prepared(lm.model, prepared)
+        except OSError as error:
+            print(f"attnlab: could not cache the {resolved} model in {prepared} ({error}); continuing",
+                  file=sys.stderr)
+    return lm
+
+
+def _with_mode(lm: LanguageModel, mode: str, compile: bool | None, cache_key: str | None) -> LanguageModel:
+    """Apply an inference mode to a loaded model (a no-op for one already prepared) and compile its decode step."""
+    resolved = fast.resolve_mode(mode, lm.config)
+    if lm.mode != resolved:
+        fast.prepare(lm.model, resolved)
+        lm.mode = resolved
+    if compile is None:
+        compile = resolved != "fp32"
+    if compile and lm.config.lm_head and lm.config.causal:
+        key = cache_key or hashlib.sha256(json.dumps(lm.config.to_dict(), sort_keys=True).encode()).hexdigest()[:24]
+        lm.decode_step = fast.compiled_decode_step(lm.model, f"{key}-{resolved}")
+    return lm
+
+
+def _converted_gguf(path: Path, name: str, use_cache: bool) -> Path | LanguageModel:
+    """The folder of a GGUF's cached fp32 conversion (made now if missing), or, without the cache, the model."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTED_FORMAT}".encode())
     cached = cache_dir() / "converted" / key.hexdigest()[:24]
     if use_cache and is_checkpoint(cached):
-        config, state, manifest = load_checkpoint(cached)
-        return LanguageModel(build_model(config, state, str(path)), tokenizer_from_spec(cached, manifest["tokenizer"]),
-                             name)
+        return cached
     reader = open_gguf(path)
     print(f"attnlab: dequantising {path.name} to fp32 (first use only, ~10-30 s)…", file=sys.stderr)
     config, state = load_gguf(path, reader)
@@ -231,6 +284,7 @@ def _load_gguf(path: Path, name: str, use_cache: bool) -> LanguageModel:
     if use_cache:
         try:
             save_checkpoint(cached, config, model.state_dict(), tokenizer, extra={"source": str(path)})
+            return cached
         except OSError as error:
             print(f"attnlab: could not cache the converted model in {cached} ({error}); continuing", file=sys.stderr)
     return LanguageModel(model, tokenizer, name)

@@ -69,6 +69,7 @@ class Transformer(nn.Module):
             self.final_norm = make_norm(config)
         if config.lm_head and not config.tie_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.quantised_head: nn.Module | None = None  # set by attnlab.fast: the LM head in 8 or 4 bits
         if config.positions == "rope":
             self.rope_global = RotaryEmbedding(config.head_dim, config.rope_theta)
             self.rope_local = RotaryEmbedding(config.head_dim, config.rope_theta_local or config.rope_theta)
@@ -79,6 +80,15 @@ class Transformer(nn.Module):
         attention = self.blocks[0].attention
         return KVCache(self.config.n_layers, batch_size, self.config.n_kv_heads, capacity, self.config.head_dim,
                        dtype, device, key_heads=attention.key_heads, key_dim=attention.key_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The residual stream's dtype: that of the norms, which stay fp32 in every inference mode."""
+        return next(self.parameters()).dtype
 
     def output_weight(self) -> torch.Tensor:
         """The (vocab, d) unembedding matrix: the token embedding itself when tied."""
@@ -126,7 +136,10 @@ class Transformer(nn.Module):
             x = self.final_norm(x)
         if return_hidden or not config.lm_head:
             return x
-        logits = x @ self.output_weight().T  # (B, T, vocab)
+        if self.quantised_head is not None:
+            logits = self.quantised_head(x)
+        else:
+            logits = x @ self.output_weight().T  # (B, T, vocab)
         if config.final_logit_softcap is not None:
             logits = config.final_logit_softcap * torch.tanh(logits / config.final_logit_softcap)
         return logits
@@ -138,13 +151,23 @@ class Transformer(nn.Module):
         window = self.local_window
         if window is not None and config.causal and n_keys <= window:
             window = None  # every key is inside the window: the local mask is the global one
+        last = n_keys - 1  # the queries are the newest tokens
         return {
-            "global": AttentionMask(query_positions, n_keys, causal=config.causal, key_padding=attention_mask),
+            "global": AttentionMask(query_positions, n_keys, causal=config.causal, key_padding=attention_mask,
+                                    last_query_position=last),
             "local": AttentionMask(query_positions, n_keys, causal=config.causal, sliding_window=window,
-                                   key_padding=attention_mask),
+                                   key_padding=attention_mask, last_query_position=last),
         }
 
     def _rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         if self.config.positions != "rope":
             return None
         return {"global": self.rope_global.cos_sin(positions), "local": self.rope_local.cos_sin(positions)}
+
+
+def rebuild_rope_tables(model: Transformer) -> None:
+    """Recreate the RoPE frequency buffers (not saved with the weights) of a model built on the meta device."""
+    config = model.config
+    if config.positions == "rope":
+        model.rope_global = RotaryEmbedding(config.head_dim, config.rope_theta)
+        model.rope_local = RotaryEmbedding(config.head_dim, config.rope_theta_local or config.rope_theta)

@@ -5,7 +5,7 @@ from torch import nn
 
 from attnlab.config import ModelConfig
 from attnlab.errors import WeightsFormatError
-from attnlab.model import Transformer
+from attnlab.model import Transformer, rebuild_rope_tables
 
 
 def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> Transformer:
@@ -30,12 +30,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], source
             raise WeightsFormatError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(expected[name].shape)} for this config")
     model.load_state_dict({name: t.float() for name, t in state_dict.items()}, assign=True)
-    # Non-persistent buffers (RoPE frequencies) were created on meta: rebuild them for real.
-    if config.positions == "rope":
-        from attnlab.positions import RotaryEmbedding
-
-        model.rope_global = RotaryEmbedding(config.head_dim, config.rope_theta)
-        model.rope_local = RotaryEmbedding(config.head_dim, config.rope_theta_local or config.rope_theta)
+    rebuild_rope_tables(model)  # non-persistent buffers were created on meta
     store_matrices_input_major(model)
     return model.eval()
 

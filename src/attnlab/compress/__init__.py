@@ -1,0 +1,1 @@
+"""Compression: weight quantisation (quantize.py)."""

@@ -1,0 +1,125 @@
+"""Weight-only quantisation: int8 per output channel, int4 in groups along the input, and bf16.
+
+Decoding one token multiplies a single activation row by every weight matrix, so a step costs the
+time it takes to stream the weights from memory. Storing them in 8 or 4 bits streams 4× or 8× fewer
+bytes than fp32; the activations stay in floating point (weight-only quantisation, as in gpt-fast
+and llama.cpp). Each module here replaces an ``nn.Linear`` (or the token embedding) and computes
+y = x·Ŵᵀ + b with Ŵ the dequantised weight — through torch's packed CPU kernels, which dequantise
+on the fly and want bf16 activations (they are ~25× slower with fp32 ones).
+
+int8:  Ŵ[n, :] = s_n · q[n, :],                        q ∈ [−127, 127], s_n = max|W[n, :]| / 127
+int4:  Ŵ[n, g·G:(g+1)·G] = s_ng · (q − 8) + z_ng,        q ∈ [0, 15], per group of G inputs,
+       with s = (max − min) / 15 and z = min + 8·s (the range of each group maps onto 0…15).
+GGUF's Q4_1 blocks (value = d·q + m over 32 inputs) are this int4 form with s = d, z = m + 8·d, so
+weights dequantised from Q4_1 re-quantise to the same q (up to bf16 rounding of s and z).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUP_SIZE = 32  # GGUF Q4_1's block size: requantising a Q4_1 model reproduces its blocks
+INT4_INNER_K_TILES = 2  # packing layout of torch's CPU int4 kernel (must divide K / 16)
+
+
+def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float → q (N, K) int8, scales (N,) fp32 with W ≈ scales[:, None] · q (symmetric, per row)."""
+    weight = weight.float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return q, scales
+
+
+def int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float → q (N, K) int32 in [0, 15], scales and zeros (N, K / G) with Ŵ = s·(q − 8) + z."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(n, k), scales, low + 8 * scales
+
+
+def int4_supported(n: int, k: int, group_size: int = INT4_GROUP_SIZE) -> bool:
+    """Whether torch's packed int4 CPU kernel takes an (N, K) matrix: K in whole groups and tiles."""
+    return k % group_size == 0 and k % (16 * INT4_INNER_K_TILES) == 0 and n % 8 == 0
+
+
+def _frozen(bias: torch.Tensor | None) -> nn.Parameter | None:
+    """A bias kept in fp32 (it is added to the fp32 output), not trainable."""
+    return None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+
+class Int8Linear(nn.Module):
+    """y = (x · qᵀ) ⊙ s + b: a linear layer with int8 weights and one fp32→bf16 scale per output."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        q, scales = int8_per_channel(weight.detach())
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.bias = _frozen(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantised_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Ŵ[rows] in fp32: what an embedding lookup into this matrix returns."""
+        return self.weight_int8[rows].float() * self.scales[rows, None].float()
+
+
+class Int4Linear(nn.Module):
+    """y = x · Ŵᵀ + b with Ŵ = s·(q − 8) + z in groups of G inputs, through torch's packed int4 CPU kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__()
+        n, k = weight.shape
+        if not int4_supported(n, k, group_size):
+            raise ValueError(f"int4 needs K divisible by {group_size} and 32, N by 8; got ({n}, {k})")
+        q, scales, zeros = int4_groups(weight.detach(), group_size)
+        self.in_features, self.out_features, self.group_size = k, n, group_size
+        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES))
+        # (K / G, N, 2): the kernel's layout for each group's (scale, zero)
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scales.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous())
+        self.bias = _frozen(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight_int4, self.group_size,
+                                                        self.scales_and_zeros).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Bf16Linear(nn.Module):
+    """y = x · Wᵀ + b with W stored in bf16: half the bytes of fp32; the input is cast only for the matmul,
+    so the residual stream, norms and attention stay fp32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().to(torch.bfloat16).contiguous(), requires_grad=False)
+        self.bias = _frozen(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantisedEmbedding(nn.Module):
+    """A token embedding whose rows are read from a quantised matrix (shared with a tied LM head)."""
+
+    def __init__(self, table: Int8Linear | Bf16Linear) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.table, Bf16Linear):
+            return self.table.weight[ids].float()
+        return self.table.dequantised_rows(ids)

@@ -1,0 +1,302 @@
+"""Inference modes: the readable fp32 model, made fast for generation at load time.
+
+A mode is applied to a loaded fp32 ``Transformer`` — the source of truth every inspection reads —
+and changes only how its matrices are stored and multiplied:
+
+* ``fp32``  the model as loaded.
+* ``bf16``  every matrix in bf16 (half the bytes); residual stream, norms, attention and KV cache fp32.
+* ``int8``  every matrix int8 per output channel (``compress/quantize.py``), bf16 activations at matmuls.
+* ``int4``  block matrices int4 in groups of 32 (GGUF Q4_1's own form), embedding / LM head int8.
+
+In every mode but fp32, W_Q, W_K, W_V are fused into one matrix and W_gate, W_up into another before
+quantising: a decode step then runs 4 matmuls per layer instead of 7. ``auto`` picks the fastest
+mode the machine runs for a decoder of 20M parameters or more (int4 on a CPU with torch's packed int4
+kernel), and fp32 for an encoder, whose use is inspection, or a small model.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from attnlab.attention import MultiHeadAttention
+from attnlab.compress.quantize import Bf16Linear, Int4Linear, Int8Linear, QuantisedEmbedding, int4_supported
+from attnlab.config import ModelConfig
+from attnlab.errors import InputError, WeightsFormatError
+from attnlab.generate import DecodeStep
+from attnlab.kv_cache import KVCache
+from attnlab.layers import GatedMLP
+from attnlab.model import Transformer, rebuild_rope_tables
+from attnlab.paths import cache_dir
+
+MODES = ("fp32", "bf16", "int8", "int4")
+AUTO_MIN_PARAMETERS = 20_000_000  # below this, decoding is bound by op overheads, not by weight bytes
+
+
+def mode_unavailable(mode: str) -> str | None:
+    """Why this machine cannot run ``mode`` (None if it can)."""
+    if mode == "fp32":
+        return None
+    if mode == "bf16" and not torch.backends.mkldnn.is_available():
+        return "bf16 matmuls need oneDNN (mkldnn), which this torch build lacks"
+    if mode == "bf16" and not _cpu_has_bf16():
+        return "this CPU has no bf16 instructions (AVX-512 BF16 or AMX): bf16 would be emulated and slow"
+    if mode == "int8" and not hasattr(torch, "_weight_int8pack_mm"):
+        return f"torch {torch.__version__} has no int8 weight kernel (torch._weight_int8pack_mm)"
+    if mode == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} has no CPU int4 kernel (aten._weight_int4pack_mm_for_cpu)"
+    return None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512",)  # no cpuinfo (macOS): trust torch
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def supported_modes() -> list[str]:
+    """The modes this machine runs, fastest last."""
+    return [mode for mode in MODES if mode_unavailable(mode) is None]
+
+
+def resolve_mode(requested: str, config: ModelConfig) -> str:
+    """The mode to use: ``auto`` picks the fastest this machine runs; a forced mode that cannot run fails."""
+    if requested not in (*MODES, "auto"):
+        raise InputError(f"unknown mode {requested!r}; choose one of auto, {', '.join(MODES)}")
+    if requested == "auto":
+        if not (config.lm_head and config.causal) or config.n_parameters() < AUTO_MIN_PARAMETERS:
+            return "fp32"  # an encoder is for inspection; a small model is overhead-bound: nothing to gain
+        return supported_modes()[-1]
+    reason = mode_unavailable(requested)
+    if reason is not None:
+        raise InputError(f"mode {requested} cannot run here: {reason}; use --mode auto or fp32")
+    return requested
+
+
+def fuse_projections(model: Transformer) -> None:
+    """W_Q, W_K, W_V → one (H + 2·H_kv)·hd × d matrix; W_gate, W_up → one 2·d_ff × d matrix, per layer.
+
+    Only the standard modules are fused: attention variants that override ``project`` keep theirs.
+    """
+    for block in model.blocks:
+        attention = block.attention
+        if type(attention) is MultiHeadAttention:
+            attention.w_qkv = _concatenated(attention.w_q, attention.w_k, attention.w_v)
+            del attention.w_q, attention.w_k, attention.w_v
+        if isinstance(block.mlp, GatedMLP):
+            block.mlp.w_gate_up = _concatenated(block.mlp.w_gate, block.mlp.w_up)
+            del block.mlp.w_gate, block.mlp.w_up
+
+
+def _concatenated(*linears: nn.Linear) -> nn.Linear:
+    """One nn.Linear whose output is the outputs of ``linears`` side by side."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device=weight.device)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False)
+    return fused
+
+
+def _quantised(linear: nn.Linear, mode: str) -> nn.Module:
+    """The mode's replacement for one matrix (int4 falls back to int8 for shapes its kernel refuses)."""
+    if mode == "bf16":
+        return Bf16Linear(linear.weight, linear.bias)
+    if mode == "int4" and int4_supported(*linear.weight.shape):
+        return Int4Linear(linear.weight, linear.bias)
+    return Int8Linear(linear.weight, linear.bias)
+
+
+def quantise(model: Transformer, mode: str) -> None:
+    """Replace every matrix of the blocks, the LM head and the token embedding by the mode's form."""
+    for block in model.blocks:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, _quantised(child, mode))
+    config = model.config
+    head_mode = "bf16" if mode == "bf16" else "int8"  # int4 logits are too coarse for greedy fidelity
+    embedding = model.token_embedding.weight.detach()
+    table = Bf16Linear(embedding) if head_mode == "bf16" else Int8Linear(embedding)
+    model.token_embedding = QuantisedEmbedding(table)
+    if config.lm_head:
+        if config.tie_embeddings:
+            model.quantised_head = table
+        else:
+            model.quantised_head = _quantised(model.lm_head, head_mode)
+            del model.lm_head
+
+
+def prepare(model: Transformer, mode: str) -> Transformer:
+    """Apply an inference mode (already resolved) to a loaded fp32 model, in place."""
+    if mode == "fp32":
+        return model
+    fuse_projections(model)
+    quantise(model, mode)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ prepared weights
+
+
+def prepared_skeleton(config: ModelConfig, mode: str) -> Transformer:
+    """The structure of a prepared model on the meta device, ready for ``load_state_dict(assign=True)``
+    with a prepared state dict: how a cached prepared model loads without touching the fp32 weights."""
+    with torch.device("meta"):
+        model = Transformer(config)
+        prepare(model, mode)
+    return model
+
+
+def save_prepared(model: Transformer, path: Path) -> None:
+    """Write a prepared model's tensors (packed int4, int8, bf16…) to one safetensors file, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state, aliases, seen = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # a tied head: the embedding's table under a second name
+            aliases[name] = seen[tensor.data_ptr()]
+            continue
+        seen[tensor.data_ptr()] = name
+        state[name] = tensor.detach().contiguous()
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(partial), metadata={"aliases": json.dumps(aliases)})
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_prepared(config: ModelConfig, mode: str, path: Path) -> Transformer:
+    model = prepared_skeleton(config, mode)
+    state, metadata = read_safetensors_aligned(path)
+    aliases = json.loads(metadata.get("aliases", "{}"))
+    state.update({alias: state[name] for alias, name in aliases.items()})
+    model.load_state_dict(state, assign=True)
+    rebuild_rope_tables(model)
+    return model.eval()
+
+
+SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "BF16": torch.bfloat16,
+                      "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+
+
+def read_safetensors_aligned(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, each tensor read into its own fresh allocation.
+
+    Why not ``safetensors.load_file``: its tensors are views into one buffer (or a memory map) at offsets that
+    need not be 64-byte aligned, and torch's packed int4/int8 kernels crash on misaligned weights. Reading
+    with plain file I/O also keeps the file's pages out of this process's resident memory.
+    """
+    try:
+        with path.open("rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+            start = 8 + header_size
+            tensors = {}
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = entry["data_offsets"]
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                handle.seek(start + begin)
+                if handle.readinto(raw.numpy()) != end - begin:
+                    raise ValueError(f"tensor {name} is truncated")
+                tensors[name] = raw.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        raise WeightsFormatError(f"{path}: unreadable prepared model ({error}); delete it to rebuild") from None
+    return tensors, header.get("__metadata__", {})
+
+
+# ------------------------------------------------------------------------------------------ compiled decoding
+
+def eager_decode_step(model: Transformer) -> DecodeStep:
+    """ids (1, 1) of the newest token, the cache → next-token logits (1, vocab), through the model itself."""
+
+    def step(ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        return model(ids, kv_cache=kv_cache, last_position_only=True)[:, -1]
+
+    return step
+
+
+class DecodeGraph(nn.Module):
+    """The single-token decode step as a function of tensors only, for torch.export.
+
+    The cache's filled length travels as the *shape* of ``positions`` (length + 1 entries), so the exported
+    graph is generic over it: attention reads only the filled prefix (a static-length cache would make every
+    step cost the whole capacity). The new key and value are written into ``keys`` / ``values`` in place.
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        cache = KVCache.over(keys, values, length=positions.shape[0] - 1)
+        return self.model(ids, kv_cache=cache, last_position_only=True)[:, -1]
+
+
+def compiled_decode_step(model: Transformer, key: str, *, quiet: bool = False) -> DecodeStep:
+    """The decode step compiled ahead of time by AOTInductor, built once per model and machine and cached.
+
+    Why compile: eager PyTorch spends ~4 ms per token launching ~600 small ops (30–35% of a step here);
+    the compiled step fuses them. Why ahead of time: ``torch.compile`` re-traces the model at every start
+    (tens of seconds on a small CPU); a compiled package loads in a second.
+    """
+    package = cache_dir() / "compiled" / f"{key}-{_machine_key()}.pt2"
+    if not package.is_file():
+        if not quiet:
+            print("attnlab: compiling the decode step for this machine (first use only, ~1-3 min; later starts "
+                  "load it in a second)…", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        _build_package(model, package)
+        if not quiet:
+            print(f"attnlab: compiled in {time.perf_counter() - start:.0f} s → {package}", file=sys.stderr)
+    runner = torch._inductor.aoti_load_package(str(package))
+    shape_carriers = torch.empty(model.config.context_length + 1)
+
+    def step(ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        if ids.shape[0] != 1:  # the package is built for one sequence; batches decode eagerly
+            return model(ids, kv_cache=kv_cache, last_position_only=True)[:, -1]
+        logits = runner(ids, kv_cache.keys, kv_cache.values, shape_carriers[:kv_cache.length + 1])
+        kv_cache.advance(1)
+        return logits
+
+    return step
+
+
+def _build_package(model: Transformer, package: Path) -> None:
+    """Export the decode step with a dynamic cache length and capacity, compile it, write it atomically."""
+    config = model.config
+    cache = model.new_kv_cache(1, 8, dtype=model.dtype, device=model.device)
+    example = (torch.zeros(1, 1, dtype=torch.long), cache.keys, cache.values, torch.empty(4))
+    length = torch.export.Dim("length_plus_one", min=2, max=config.context_length)
+    capacity = torch.export.Dim("capacity", min=2, max=config.context_length)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notices, not the user's business
+        exported = torch.export.export(
+            DecodeGraph(model), example,
+            dynamic_shapes={"ids": None, "keys": {3: capacity}, "values": {3: capacity}, "positions": {0: length}})
+    package.parent.mkdir(parents=True, exist_ok=True)
+    partial = package.with_name(f".{package.name}.{os.getpid()}.tmp.pt2")
+    try:
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
+        os.replace(partial, package)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _machine_key() -> str:
+    """Compiled kernels are specific to the torch version and the CPU's instruction set."""
+    text = f"{torch.__version__}|{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
