@@ -264,6 +264,7 @@ class Started:
     ready: dict[str, dict[str, Any]] = field(default_factory=dict)
     prompts: dict[str, list[int]] | None = None
     default_mode: str | None = None
+    short_prompt_chat: bool | None = None  # whether the short prompt went through the model's chat template
     unavailable: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -294,11 +295,12 @@ def start_workers(plan: Plan, say: Say) -> Started:
     the prompts), then the other asked-for modes, then the peers."""
     started = Started(unavailable=dict(plan.unavailable))
     try:
-        say("bench: starting attnlab in its default mode…")
+        say("bench: starting attnlab in its default mode (a first start may build and cache an artefact)…")
         worker, ready = start_once(started, "attnlab", "attnlab (default)", plan, "auto", say)
         if "unavailable" in ready:
             raise BenchError(f"attnlab could not load {plan.options.model}: {ready['unavailable']}")
         started.prompts, started.default_mode = ready["prompts"], ready["mode"]
+        started.short_prompt_chat = ready["short_prompt_chat"]
         if started.default_mode in plan.modes:
             worker.label = f"attnlab {started.default_mode}"
             started.workers[worker.label], started.ready[worker.label] = worker, ready
@@ -321,6 +323,10 @@ def start_workers(plan: Plan, say: Say) -> Started:
                 started.notes.append(f"{label}: load(mode={mode!r}) gave a model in mode {ready['mode']!r}")
             started.workers[label], started.ready[label] = worker, ready
             say(f"bench: {label} ready: load {ready['load_s']:.2f} s, first token at {ready['ttft_s']:.2f} s")
+        if not started.workers:
+            reasons = "; ".join(f"{mode}: {reason}" for mode, reason in started.unavailable.items())
+            raise BenchError(f"none of the modes asked for can run here ({reasons}); attnlab's default mode here "
+                             f"is {started.default_mode}")
         for peer in plan.peers:
             say(f"bench: starting {peer}…")
             worker, ready = start_once(started, peer, peer, plan, "auto", say)
@@ -466,7 +472,7 @@ def run_bench(options: BenchOptions, say: Say | None = None) -> dict[str, Any]:
     plan = plan_bench(options)
     for peer, reason in plan.skipped.items():
         say(f"bench: {peer}: skipped ({reason})")
-    systems = 1 + len(plan.modes) - len(plan.unavailable) + len(plan.peers)
+    systems = max(len(plan.modes) - len(plan.unavailable), 1) + len(plan.peers)
     say(f"bench: {plan.options.model}: up to {systems} systems, each in its own process, started one by one, "
         f"then a warm-up and {options.repeats} timed round(s) rotating through them (several minutes)")
     started = start_workers(plan, say)
@@ -499,8 +505,7 @@ def run_bench(options: BenchOptions, say: Say | None = None) -> dict[str, Any]:
                      "modes_asked": plan.modes, "peers_asked": plan.peers + list(plan.skipped)},
         "machine": machine,
         "prompt_lengths": {prompt: len(ids) for prompt, ids in (started.prompts or {}).items()},
-        "short_prompt_chat": started.ready[next(iter(started.ready))].get("short_prompt_chat")
-        if started.ready else None,
+        "short_prompt_chat": started.short_prompt_chat,
         "default_mode": started.default_mode,
         "reference": REFERENCE if reference is not None else None,
         "agreement_method": "free-running: each system generates its own greedy tokens from the same prompt; "
