@@ -277,3 +277,35 @@ def test_bench_generate_script_is_a_thin_wrapper():
     result = subprocess.run([sys.executable, str(script), "--modes", "fp16"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "unknown mode 'fp16'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_times_the_cached_start_after_a_first_start_that_converted(tmp_path):
+    """A GGUF's first load converts it (and caches the conversion): the bench starts that system again, shows the
+    cached start and keeps the first beside it."""
+    import os
+
+    from gguf_writer import write_llama_gguf
+
+    gguf_path = write_llama_gguf(tiny_hf_model("llama", tmp_path / "hf", vocab_size=257), tmp_path / "tiny.gguf")
+    out = tmp_path / "bench.json"
+    env = os.environ | {"ATTNLAB_CACHE": str(tmp_path / "cache"), "COLUMNS": "160"}
+    result = subprocess.run([sys.executable, "-m", "attnlab.cli", "bench", "--model", str(gguf_path), "--modes",
+                             "fp32", "--peers", "none", "--repeats", "1", "--prompt-tokens", "8", "--new-tokens", "2",
+                             "--json", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    ours = json.loads(out.read_text())["systems"]["attnlab fp32"]
+    assert ours["first_start"]["load_s"] > 0 and ours["built_on_load"] is False
+    assert "first start built and cached an artefact" in result.stdout
+
+
+def test_bench_against_llama_cpp_on_the_real_model(smollm2_path, tmp_path):
+    """The llama.cpp worker on SmolLM2's GGUF (skipped where llama-cpp-python is not installed)."""
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "bench.json"
+    result = run("bench", "--modes", "fp32", "--peers", "llama.cpp", "--repeats", "1", "--prompt-tokens", "16",
+                 "--new-tokens", "4", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    peer = json.loads(out.read_text())["systems"]["llama.cpp"]
+    assert peer["mode"] == "Q4_1" and len(peer["tokens"]["short"]) == 4 and peer["peak_rss_mb"] > 0
+    assert peer["agreement"]["steps"] == 8
+    assert "attnlab / llama.cpp Q4_1" in result.stdout

@@ -27,6 +27,7 @@ and the first decode step, as a user starting a command would wait for them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -96,6 +97,23 @@ def cache_snapshot() -> set[str]:
             for folder, _, names in os.walk(root) for name in names}
 
 
+class StderrRecorder:
+    """Passes writes on to the real stderr and keeps a copy (what load printed while it ran)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.written = stream, []
+
+    def write(self, text: str) -> int:
+        self.written.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno…: the real stream's
+        return getattr(self.stream, name)
+
+
 class TokenClock:
     """Collects the tokens of one generation and when the first and the last of them arrived."""
 
@@ -124,27 +142,35 @@ def load_attnlab(args: argparse.Namespace, prompts: dict[str, list[int]] | None)
     import torch
 
     import attnlab
-    from attnlab.errors import InputError, TokenizerError
+    from attnlab.errors import AttnlabError, InputError, TokenizerError
     from attnlab.generate import generate_token_ids
 
     torch.set_num_threads(args.threads)
     takes_mode = "mode" in inspect.signature(attnlab.load).parameters
     before = cache_snapshot()
+    messages = StderrRecorder(sys.stderr)
     start = time.perf_counter()
     try:
-        if takes_mode:
-            lm = attnlab.load(args.model, mode=args.mode)
-        elif args.mode in ("auto", "fp32"):  # an attnlab from before modes: plain load is fp32
-            lm = attnlab.load(args.model)
-        else:
-            raise Unavailable("this attnlab's load() has no mode= (quantised modes are not implemented yet)")
-    except InputError as error:  # a mode this machine cannot run, when forced
-        raise Unavailable(str(error)) from None
+        with contextlib.redirect_stderr(messages):
+            if takes_mode:
+                lm = attnlab.load(args.model, mode=args.mode)
+            elif args.mode in ("auto", "fp32"):  # an attnlab from before modes: plain load is fp32
+                lm = attnlab.load(args.model)
+            else:
+                raise Unavailable("this attnlab's load() has no mode= (quantised modes are not implemented yet)")
+    except InputError as error:  # forced: a mode this machine cannot run; auto: a problem with the input
+        raise (UserInputError if args.mode == "auto" else Unavailable)(str(error)) from None
+    except AttnlabError as error:  # the model cannot be loaded: one line for the user
+        raise UserInputError(str(error)) from None
     except TypeError as error:  # a load() whose signature hides that it takes no mode=
         if "mode" not in str(error):
             raise
         raise Unavailable(f"this attnlab's load() does not take mode= ({error})") from None
     load_s = time.perf_counter() - start
+    # Load built something the next start will find cached: a new file in attnlab's cache, or its progress line
+    # ("attnlab: dequantising … (first use only)", "attnlab: compiling …") on stderr.
+    load_messages = [line.strip() for line in "".join(messages.written).splitlines() if line.strip()]
+    built = bool(cache_snapshot() - before) or any(line.startswith("attnlab:") for line in load_messages)
     if not (lm.config.lm_head and lm.config.causal):
         raise UserInputError(f"{args.model} is not a causal language model ({lm.config.family}): there is no "
                              f"generation to benchmark")
@@ -170,7 +196,7 @@ def load_attnlab(args: argparse.Namespace, prompts: dict[str, list[int]] | None)
         return clock.result()
 
     info = {"load_s": load_s, "mode": str(getattr(lm, "mode", "fp32")), "asked_mode": args.mode,
-            "built_on_load": bool(cache_snapshot() - before), "version": attnlab.__version__,
+            "built_on_load": built, "load_messages": load_messages, "version": attnlab.__version__,
             "torch_version": torch.__version__, "threads": torch.get_num_threads(), "prompts": prompts,
             "short_prompt_chat": chat, "context_length": lm.config.context_length}
     return run, info
