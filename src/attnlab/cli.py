@@ -244,6 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--overwrite", action="store_true", help="replace the report in --out")
     ablate.add_argument("--no-progress", action="store_true", help="no progress bar")
     ablate.set_defaults(handler=cmd_ablate)
+
+    bench = commands.add_parser("bench", help="speed and memory of attnlab's modes against transformers and "
+                                              "llama.cpp, one run, one table (several minutes)")
+    _add_model(bench)
+    bench.add_argument("--modes", default="all", metavar="M,M,…|all",
+                       help="attnlab modes to time: fp32, bf16, int8, int4 (default: all; those this attnlab or "
+                            "machine cannot run are listed as not available)")
+    bench.add_argument("--peers", default="transformers,llama.cpp", metavar="P,P,…|none",
+                       help="peers timed in the same run (default: transformers,llama.cpp; a peer that is not "
+                            "installed is skipped with a note)")
+    bench.add_argument("--repeats", type=_positive_int, default=3, metavar="N",
+                       help="timed rounds after a warm-up; the table shows medians (default: 3)")
+    bench.add_argument("--prompt-tokens", type=_positive_int, default=512, metavar="N",
+                       help="long prompt for prefill and long-context decode (default: 512)")
+    bench.add_argument("--new-tokens", type=_positive_int, default=128, metavar="N",
+                       help="greedy tokens per timed generation and agreement check (default: 128)")
+    bench.add_argument("--threads", type=_positive_int, default=2, metavar="N",
+                       help="threads for every system (default: 2)")
+    bench.add_argument("--json", metavar="FILE", help="also write every measurement here (written at the end)")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 
@@ -815,6 +835,19 @@ def _runs_progress(total: int, enabled: bool):
             yield lambda status, done, total: progress.update(task, completed=done, status=status)
 
     return bar()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from attnlab.bench import BenchOptions, render, run_bench
+
+    options = BenchOptions(model=args.model, modes=args.modes, peers=args.peers, repeats=args.repeats,
+                           prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
+                           json=args.json)
+    results = run_bench(options)
+    render(results, Console())
+    if args.json:
+        print(f"bench: results written to {args.json}", file=sys.stderr)
+    return 0
 
 
 def _variant_summary(config) -> str:
