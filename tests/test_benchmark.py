@@ -75,18 +75,14 @@ def test_check_numbers_refuses_non_positive(field, value, fragment):
         check_numbers(BenchOptions(**{field: value}))
 
 
-def test_plan_marks_modes_unavailable_when_load_takes_no_mode(monkeypatch, tiny_hf_folder):
-    import attnlab
+def test_plan_marks_modes_the_machine_cannot_run(monkeypatch, tiny_hf_folder):
+    from attnlab import fast
 
-    folder = tiny_hf_folder
-    monkeypatch.setattr(bench_run, "mode_names", lambda: MODES)
-    monkeypatch.setattr(attnlab, "load", lambda source="x", *, use_cache=True: None)  # an attnlab before modes
-    plan = plan_bench(BenchOptions(model=str(folder), peers="none"))
-    assert plan.modes == list(MODES) and plan.model_kind == "hf"
-    assert set(plan.unavailable) == {"bf16", "int8", "int4"} and "no mode=" in plan.unavailable["int4"]
-    monkeypatch.setattr(attnlab, "load", lambda source="x", *, mode="auto", use_cache=True: None)
-    assert plan_bench(BenchOptions(model=str(folder), peers="none")).unavailable == {}
-
+    plan = plan_bench(BenchOptions(model=str(tiny_hf_folder), peers="none"))
+    assert plan.modes == list(MODES) and plan.model_kind == "hf" and plan.unavailable == {}
+    monkeypatch.setattr(fast, "_cpu_has_bf16", lambda: False)
+    plan = plan_bench(BenchOptions(model=str(tiny_hf_folder), peers="none"))
+    assert set(plan.unavailable) == {"bf16"} and "no bf16" in plan.unavailable["bf16"]
 
 def test_peer_skip_reasons(monkeypatch):
     assert "attnlab checkpoint" in peer_skip_reason("transformers", "checkpoint")

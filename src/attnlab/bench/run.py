@@ -11,7 +11,6 @@ the other would put that drift into the ratios.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import os
 import platform
@@ -29,7 +28,6 @@ from attnlab.bench import worker as worker_module
 from attnlab.errors import AttnlabError, InputError, ModelNotFoundError
 from attnlab.weights.registry import DEFAULT_MODEL
 
-KNOWN_MODES = ("fp32", "bf16", "int8", "int4")  # until attnlab.fast (and its MODES) exists
 PEERS = ("transformers", "llama.cpp")
 PEER_ALIASES = {"hf": "transformers", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp", "llamacpp": "llama.cpp"}
 LLAMA_CPP_HINT = "pip install llama-cpp-python; see README"
@@ -71,9 +69,7 @@ class Plan:
 
 
 def mode_names() -> tuple[str, ...]:
-    """Every mode attnlab knows (``attnlab.fast.MODES`` once it exists)."""
-    if importlib.util.find_spec("attnlab.fast") is None:
-        return KNOWN_MODES
+    """Every mode attnlab knows, in attnlab.fast's order."""
     from attnlab import fast
 
     return tuple(fast.MODES)
@@ -153,7 +149,7 @@ def peer_skip_reason(peer: str, model_kind: str) -> str | None:
 
 def plan_bench(options: BenchOptions) -> Plan:
     """Check every option before any work: one InputError / ModelNotFoundError naming the first problem."""
-    import attnlab
+    from attnlab import fast
 
     check_numbers(options)
     modes = parse_modes(options.modes, mode_names())
@@ -162,9 +158,7 @@ def plan_bench(options: BenchOptions) -> Plan:
         raise InputError(f"--json {options.json} is a folder: give a file name")
     model_path, kind = resolve_model(options.model)
     plan = Plan(options, model_path, kind, modes, [])
-    if "mode" not in inspect.signature(attnlab.load).parameters:
-        plan.unavailable = {mode: "this attnlab's load() has no mode= (quantised modes are not implemented yet)"
-                            for mode in modes if mode != "fp32"}
+    plan.unavailable = {mode: reason for mode in modes if (reason := fast.mode_unavailable(mode)) is not None}
     for peer in peers:
         reason = peer_skip_reason(peer, kind)
         if reason is None:

@@ -137,8 +137,6 @@ class TokenClock:
 
 def load_attnlab(args: argparse.Namespace, prompts: dict[str, list[int]] | None) -> tuple[Runner, dict[str, Any]]:
     """Load attnlab in ``args.mode`` ("auto" = what ``attnlab.load`` picks by default); its runner and facts."""
-    import inspect
-
     import torch
 
     import attnlab
@@ -146,26 +144,16 @@ def load_attnlab(args: argparse.Namespace, prompts: dict[str, list[int]] | None)
     from attnlab.generate import generate_token_ids
 
     torch.set_num_threads(args.threads)
-    takes_mode = "mode" in inspect.signature(attnlab.load).parameters
     before = cache_snapshot()
     messages = StderrRecorder(sys.stderr)
     start = time.perf_counter()
     try:
         with contextlib.redirect_stderr(messages):
-            if takes_mode:
-                lm = attnlab.load(args.model, mode=args.mode)
-            elif args.mode in ("auto", "fp32"):  # an attnlab from before modes: plain load is fp32
-                lm = attnlab.load(args.model)
-            else:
-                raise Unavailable("this attnlab's load() has no mode= (quantised modes are not implemented yet)")
+            lm = attnlab.load(args.model, mode=args.mode)
     except InputError as error:  # forced: a mode this machine cannot run; auto: a problem with the input
         raise (UserInputError if args.mode == "auto" else Unavailable)(str(error)) from None
     except AttnlabError as error:  # the model cannot be loaded: one line for the user
         raise UserInputError(str(error)) from None
-    except TypeError as error:  # a load() whose signature hides that it takes no mode=
-        if "mode" not in str(error):
-            raise
-        raise Unavailable(f"this attnlab's load() does not take mode= ({error})") from None
     load_s = time.perf_counter() - start
     # Load built something the next start will find cached: a new file in attnlab's cache, or its progress line
     # ("attnlab: dequantising … (first use only)", "attnlab: compiling …") on stderr.
@@ -187,15 +175,16 @@ def load_attnlab(args: argparse.Namespace, prompts: dict[str, list[int]] | None)
         raise UserInputError(f"{longest} tokens (prompt + --new-tokens) exceed the model's context of "
                              f"{lm.config.context_length}: lower --prompt-tokens or --new-tokens")
 
-    # The product's greedy decode loop; the one place to change if a mode ever decodes through another path.
+    # The product's greedy decode loop, with the mode's compiled decode step (as `attnlab generate` runs it).
     def run(ids: Sequence[int], new_tokens: int) -> tuple[list[int], float, float]:
         clock = TokenClock()
         with torch.inference_mode():
-            for token in generate_token_ids(model, ids, max_new_tokens=new_tokens, stop_ids=frozenset()):
+            for token in generate_token_ids(model, ids, max_new_tokens=new_tokens, stop_ids=frozenset(),
+                                            decode_step=lm.decode_step):
                 clock.tick(token)
         return clock.result()
 
-    info = {"load_s": load_s, "mode": str(getattr(lm, "mode", "fp32")), "asked_mode": args.mode,
+    info = {"load_s": load_s, "mode": lm.mode, "asked_mode": args.mode,
             "built_on_load": built, "load_messages": load_messages, "version": attnlab.__version__,
             "torch_version": torch.__version__, "threads": torch.get_num_threads(), "prompts": prompts,
             "short_prompt_chat": chat, "context_length": lm.config.context_length}
