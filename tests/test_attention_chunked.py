@@ -68,6 +68,18 @@ def test_chunked_equals_reference_for_every_mask(name, chunks):
     assert (chunked - expected).abs().max().item() <= 1e-5  # padding queries too: both give the uniform row
 
 
+@pytest.mark.parametrize("name", ["causal", "causal-left-padding"])
+def test_chunked_peaked_rows(name):
+    """Scores hundreds apart: most weights underflow (e^(S − m) < e^−87), which the exp floor must not change."""
+    q, k, v = _qkv()
+    q = q * 40
+    mask = _mask(name)
+    exact = attention_reference(q.double(), k.double(), v.double(), mask, SCALE)
+    reference_error = (attention_reference(q, k, v, mask, SCALE) - exact).abs().max().item()
+    chunked_error = (attention_chunked(q, k, v, mask, SCALE, query_chunk=4, key_chunk=3) - exact).abs().max().item()
+    assert chunked_error <= max(2 * reference_error, 1e-5)  # scores ~300: fp32 rounds them by ~1e-5
+
+
 @pytest.mark.parametrize("heads", [(6, 2), (6, 1), (6, 6), (9, 3)])
 def test_chunked_grouped_query_heads(heads):
     q, k, v = _qkv(heads=heads[0], kv_heads=heads[1])
@@ -217,6 +229,7 @@ def test_set_attention_path_routes_mix(monkeypatch):
     softcapped = Transformer(_tiny_config(attn_logit_softcap=5.0))
     with pytest.raises(InputError, match="SDPA cannot"):
         set_attention_path(softcapped, "sdpa")
+    assert {block.attention.attention_path for block in softcapped.blocks} == {"auto"}  # nothing half-set
 
 
 @pytest.fixture
@@ -317,7 +330,7 @@ def _extra_peak_bytes(path: str, length: int) -> int:
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
 def test_chunked_path_never_materialises_t_by_t():
     """T = 4096, a mask with a window and padding: one T×T bool mask would be 16.8 MB, the T×T scores of
-    one head 67 MB. The chunked path (~8 MB: a few blocks of 512 × 1024) stays under T² bytes, so even a
+    one head 67 MB. The chunked path (a few MB: blocks of 256 × 256 and their masks) stays under T² bytes, so even a
     single T×T bool tensor fails it; the explicit path (positive control: the measurement can fail) and SDPA
     with its additive (T, T) mask do not."""
     length = 4096

@@ -172,7 +172,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 def attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
                    scale: float) -> torch.Tensor:
-    """The same result through torch's fused scaled_dot_product_attention (no T×T tensor kept)."""
+    """The same result through torch's fused scaled_dot_product_attention: no (B, H, Tq, Tk) weights, but a
+    mask other than plain causal / see-everything goes in as a (B|1, 1, Tq, Tk) tensor."""
     if mask.is_plain_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     if mask.sees_everything:
@@ -181,7 +182,7 @@ def attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
                                           enable_gqa=True)
 
 
-QUERY_CHUNK, KEY_CHUNK = 256, 1024  # measured on the 2-core CPU: see bench/attention.py
+QUERY_CHUNK, KEY_CHUNK = 128, 256  # fastest of 64…512 × 128…1024 here at 1k–8k tokens (1 thread, 9/3 heads)
 
 
 def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
@@ -199,8 +200,9 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: A
         o   = e^(m − m')·o + e^(S_j − m')·V_j
         m   = m'
 
-    and the block's output is o / ℓ. Only a (query_chunk × key_chunk) block of weights per head
-    exists at any time, never the (Tq, Tk) matrix; the statistics m, ℓ, o are fp32 whatever q's dtype.
+    and the block's output is o / ℓ, where M_j is 0 for allowed pairs and −∞ for masked ones (their
+    weight is exactly 0). Only a (query_chunk × key_chunk) block of weights per head exists at any time,
+    never the (Tq, Tk) matrix; the statistics m, ℓ, o are fp32 whatever q's dtype (fp64 stays fp64).
 
     q (B, H, Tq, hd); k (B, H_kv, Tk, hd); v (B, H_kv, Tk, hd_v) → (B, H, Tq, hd_v). The r = H / H_kv
     query heads that share a key/value head are stacked as rows of one matmul against it (no copy of
@@ -213,7 +215,7 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: A
     r = H // H_kv
     stats = torch.promote_types(q.dtype, torch.float32)  # m, ℓ, o: fp32 for bf16/fp16/fp32 inputs
     lowest = torch.finfo(stats).min  # finite: e^(S − m') is never e^(−∞ + ∞)
-    q_groups = (q * scale).view(B, H_kv, r, Tq, hd)  # query head g·r + i is row group i of kv head g
+    q_groups = q.unflatten(1, (H_kv, r))  # (B, H_kv, r, Tq, hd): query head g·r + i is row group i of kv head g
     keys_t = k.transpose(-2, -1)  # (B, H_kv, hd, Tk)
     outputs = []
     for q_start in range(0, Tq, query_chunk):
@@ -226,7 +228,7 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: A
         first, end = mask.key_range(queries)
         for k_start in range(first, end, key_chunk):
             keys = slice(k_start, min(k_start + key_chunk, end))
-            scores = (q_block @ keys_t[..., keys]).to(stats)  # (B, H_kv, r·n, kc): q_i·k_j·scale
+            scores = (q_block @ keys_t[..., keys]).to(stats).mul_(scale)  # (B, H_kv, r·n, kc): q_i·k_j·scale
             if softcap is not None:
                 scores = softcap * torch.tanh(scores / softcap)
             allowed = mask.allowed_block(queries, keys)  # (B|1, 1, n, kc) or None: all allowed
@@ -235,12 +237,16 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: A
             # m is only a shift that cancels in o / ℓ: no gradient flows through it
             new_max = torch.maximum(row_max, scores.detach().amax(-1, keepdim=True))  # m'
             correction = torch.exp(row_max - new_max)  # e^(m − m'); 0 on the first block
-            weights = scores.sub_(new_max).exp_()  # e^(S − m'), in place: (B, H_kv, r·n, kc)
+            # e^(S − m') in place (B, H_kv, r·n, kc). The floor: exp runs 40-80× slower where its result is
+            # subnormal or 0 (S − m' < −87); a weight below e^−50 ≈ 2e−22 of the row's largest is that small anyway.
+            weights = scores.sub_(new_max).clamp_(min=-50.0).exp_()
+            if allowed is not None:  # masked keys weigh exactly 0 (a new tensor: exp's backward needs its output)
+                weights = weights.view(B, H_kv, r, n, -1).masked_fill(~allowed[:, :, None], 0.0).view(scores.shape)
             row_sum = correction * row_sum + weights.sum(-1, keepdim=True)
             acc = correction * acc + weights.to(v.dtype) @ v[:, :, keys]  # (B, H_kv, r·n, hd_v)
             row_max = new_max
-        block_output = acc / row_sum
         sees_nothing = row_max <= lowest  # a padding query: no allowed key, so the reference's uniform row
+        block_output = acc / torch.where(sees_nothing, 1.0, row_sum)  # ℓ = 0 there: no 0/0, even in backward
         if sees_nothing.any():
             mean_value = v.to(stats).mean(-2, keepdim=True)  # (B, H_kv, 1, hd_v)
             block_output = torch.where(sees_nothing, mean_value, block_output)
@@ -249,8 +255,9 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: A
 
 
 ATTENTION_PATHS = ("auto", "explicit", "sdpa", "chunked")
-# Above this many (query, key) pairs a mask tensor is worth avoiding: 4096² pairs is 84 MB of masks per
-# batch row, and there the chunked path beats SDPA-with-a-mask for sliding windows (bench/attention.py).
+# From 4096² (query, key) pairs on, SDPA's mask tensors (84 MB per batch row there) cost more than the
+# chunked loop (measured, 1 thread, 9/3 heads): window 512, chunked 2.8× faster at 4k and 6.5× at 8k;
+# key padding, a tie at 4k and 8k without the mask tensors; at 2k SDPA wins for padding (1.3×), ties for the window.
 CHUNKED_MIN_PAIRS = 4096 * 4096
 
 
@@ -259,10 +266,11 @@ def choose_attention_path(mask: AttentionMask, softcap: float | None, n_queries:
     """The "auto" rule when nothing is recorded: "sdpa" (torch's fused kernel), "chunked" or "explicit".
 
     SDPA wherever it is the fused kernel with no T×T tensor: causal prefill, decode steps, bidirectional
-    (measured 2–3× faster than the chunked path in pure PyTorch). The chunked path where SDPA cannot do
-    the job, soft-capping (~4× faster than the explicit path at 4k tokens, and no T×T tensor), or would
-    need a (Tq, Tk) mask tensor of ≥ CHUNKED_MIN_PAIRS entries. Training keeps SDPA and the explicit path:
-    they have a real backward pass, while autograd through the chunked loop keeps every block's weights.
+    (measured 1.7–2.4× faster than the chunked path in pure PyTorch at 2k–8k tokens). The chunked path
+    where SDPA cannot do the job, soft-capping (4–6× faster than the explicit path at 2k–4k tokens, and
+    no T×T tensor), or would need a (Tq, Tk) mask tensor of ≥ CHUNKED_MIN_PAIRS entries. Training keeps
+    SDPA and the explicit path: they have a real backward pass, while autograd through the chunked loop
+    keeps every block's weights.
     """
     if softcap is not None:
         return "explicit" if training else "chunked"
@@ -278,12 +286,12 @@ def set_attention_path(model: nn.Module, path: str) -> nn.Module:
     keep their own rule. Returns the model."""
     if path not in ATTENTION_PATHS:
         raise InputError(f"unknown attention path {path!r}; choose one of {', '.join(ATTENTION_PATHS)}")
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention):
-            if path == "sdpa" and module.softcap is not None:
-                raise InputError(f"layer {module.layer} soft-caps its logits, which SDPA cannot do: "
-                                 "use the chunked or explicit path")
-            module.attention_path = path
+    layers = [module for module in model.modules() if isinstance(module, MultiHeadAttention)]
+    if path == "sdpa" and any(layer.softcap is not None for layer in layers):
+        raise InputError("this model soft-caps its attention logits, which SDPA cannot do: "
+                         "use the chunked or explicit path")
+    for layer in layers:
+        layer.attention_path = path
     return model
 
 
