@@ -217,7 +217,7 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: A
     lowest = torch.finfo(stats).min  # finite: e^(S − m') is never e^(−∞ + ∞)
     q_groups = q.unflatten(1, (H_kv, r))  # (B, H_kv, r, Tq, hd): query head g·r + i is row group i of kv head g
     keys_t = k.transpose(-2, -1)  # (B, H_kv, hd, Tk)
-    outputs = []
+    output = q.new_empty(B, H_kv, r, Tq, hd_v)  # filled one query block at a time
     for q_start in range(0, Tq, query_chunk):
         queries = slice(q_start, min(q_start + query_chunk, Tq))
         n = queries.stop - queries.start
@@ -250,8 +250,8 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: A
         if sees_nothing.any():
             mean_value = v.to(stats).mean(-2, keepdim=True)  # (B, H_kv, 1, hd_v)
             block_output = torch.where(sees_nothing, mean_value, block_output)
-        outputs.append(block_output.view(B, H_kv, r, n, hd_v))
-    return torch.cat(outputs, dim=3).view(B, H, Tq, hd_v).to(q.dtype)  # (B, H, Tq, hd_v)
+        output[:, :, :, queries] = block_output.view(B, H_kv, r, n, hd_v)
+    return output.view(B, H, Tq, hd_v)  # (B, H, Tq, hd_v)
 
 
 ATTENTION_PATHS = ("auto", "explicit", "sdpa", "chunked")
