@@ -88,6 +88,12 @@ def test_chunked_grouped_query_heads(heads):
     assert (attention_chunked(q, k, v, mask, SCALE, query_chunk=5, key_chunk=4) - expected).abs().max() <= 1e-5
 
 
+def test_chunked_refuses_keys_and_values_with_different_heads():
+    q, k, v = _qkv(heads=6, kv_heads=2)
+    with pytest.raises(ValueError, match="same heads"):
+        attention_chunked(q, k[:, :1], v, _mask("causal"), SCALE)  # merged-qk's shape: one key head
+
+
 @pytest.mark.parametrize("name", ["causal", "causal-window", "causal-left-padding", "window-and-padding"])
 @pytest.mark.parametrize("n_queries", [1, 5])
 def test_chunked_decode_after_a_cached_prefix(name, n_queries):

@@ -212,6 +212,9 @@ def attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: A
     """
     B, H, Tq, hd = q.shape
     H_kv, hd_v = k.shape[1], v.shape[-1]
+    if v.shape[1] != H_kv or H % H_kv:
+        raise ValueError(f"chunked attention needs k and v with the same heads, dividing q's: got q {H}, "
+                         f"k {H_kv}, v {v.shape[1]}")
     r = H // H_kv
     stats = torch.promote_types(q.dtype, torch.float32)  # m, ℓ, o: fp32 for bf16/fp16/fp32 inputs
     lowest = torch.finfo(stats).min  # finite: e^(S − m') is never e^(−∞ + ∞)
