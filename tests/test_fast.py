@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnlab import fast
-from attnlab.compress.quantize import Bf16Linear, Int4Linear, Int8Linear, int4_groups, int4_supported
+from attnlab.compress.quantize import Bf16Linear, Int4Linear, Int8Linear, ShortlistHead, int4_groups, int4_supported
 from attnlab.config import ModelConfig
 from attnlab.errors import InputError
 from attnlab.generate import generate_token_ids
@@ -53,7 +53,7 @@ def test_int4_linear_reproduces_q4_1_blocks_exactly():
 
 def test_int4_shape_rule_and_refusal():
     assert int4_supported(576, 576) and int4_supported(192, 1536)
-    assert not int4_supported(48, 48) and not int4_supported(7, 64)
+    assert not int4_supported(48, 48) and not int4_supported(8, 64)
     with pytest.raises(ValueError, match="int4 needs"):
         Int4Linear(torch.randn(48, 48))
 
@@ -154,3 +154,22 @@ def test_compiled_decode_step_matches_eager_and_is_built_once(tmp_path, monkeypa
     longer = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]  # another cache length and capacity
     assert (list(generate_token_ids(model, longer, max_new_tokens=20, decode_step=again))
             == list(generate_token_ids(model, longer, max_new_tokens=20)))
+
+
+def test_shortlist_head_gives_exact_logits_for_its_candidates():
+    """Rows of Q8_0's form (s·q per 32 inputs) come back exactly, and the top tokens carry exact logits."""
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (208, 64)).float()
+    q[:, 0], q[:, 32] = 127, -127  # every group uses its whole range, as Q8_0's quantiser makes it
+    scales = torch.rand(208, 2) * 0.01 + 0.001
+    weight = (q.reshape(208, 2, 32) * scales[..., None]).reshape(208, 64)
+    head = ShortlistHead(weight, shortlist=8)
+    ids = torch.tensor([[0, 5, 207]])
+    assert torch.allclose(head.rows(ids), weight[ids], rtol=1e-6, atol=0)
+    x = torch.randn(3, 64)
+    exact = x @ weight.T
+    got = head(x)
+    top = exact.topk(3, dim=-1)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    assert torch.allclose(got.gather(-1, top.indices), top.values, rtol=1e-5, atol=1e-5)
+    assert (got - exact).norm() / exact.norm() < 0.1  # the rest: int4-accurate

@@ -6,7 +6,8 @@ and changes only how its matrices are stored and multiplied:
 * ``fp32``  the model as loaded.
 * ``bf16``  every matrix in bf16 (half the bytes); residual stream, norms, attention and KV cache fp32.
 * ``int8``  every matrix int8 per output channel (``compress/quantize.py``), bf16 activations at matmuls.
-* ``int4``  block matrices int4 in groups of 32 (GGUF Q4_1's own form), embedding / LM head int8.
+* ``int4``  block matrices int4 in groups of 32 (GGUF Q4_1's own form); embedding / LM head int8 in groups
+            of 32 (Q8_0's form) with an int4 copy that shortlists the tokens the int8 rows re-score.
 
 In every mode but fp32, W_Q, W_K, W_V are fused into one matrix and W_gate, W_up into another before
 quantising: a decode step then runs 4 matmuls per layer instead of 7. ``auto`` picks the fastest
@@ -28,7 +29,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from attnlab.attention import MultiHeadAttention
-from attnlab.compress.quantize import Bf16Linear, Int4Linear, Int8Linear, QuantisedEmbedding, int4_supported
+from attnlab.compress.quantize import (
+    Bf16Linear,
+    Int4Linear,
+    Int8Linear,
+    QuantisedEmbedding,
+    ShortlistHead,
+    int4_supported,
+)
 from attnlab.config import ModelConfig
 from attnlab.errors import InputError, WeightsFormatError
 from attnlab.generate import DecodeStep
@@ -125,16 +133,22 @@ def quantise(model: Transformer, mode: str) -> None:
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, _quantised(child, mode))
     config = model.config
-    head_mode = "bf16" if mode == "bf16" else "int8"  # int4 logits are too coarse for greedy fidelity
-    embedding = model.token_embedding.weight.detach()
-    table = Bf16Linear(embedding) if head_mode == "bf16" else Int8Linear(embedding)
+    table = _head(model.token_embedding.weight, mode)
     model.token_embedding = QuantisedEmbedding(table)
     if config.lm_head:
-        if config.tie_embeddings:
-            model.quantised_head = table
-        else:
-            model.quantised_head = _quantised(model.lm_head, head_mode)
+        model.quantised_head = table if config.tie_embeddings else _head(model.lm_head.weight, mode)
+        if not config.tie_embeddings:
             del model.lm_head
+
+
+def _head(weight: torch.Tensor, mode: str) -> nn.Module:
+    """The vocabulary matrix in a mode: int4 alone flips near-tied greedy choices, so int4 mode shortlists with
+    int4 and re-scores from int8 rows (``ShortlistHead``); int8 and bf16 store it as their other matrices."""
+    if mode == "bf16":
+        return Bf16Linear(weight)
+    if mode == "int4" and int4_supported(*weight.shape):
+        return ShortlistHead(weight)
+    return Int8Linear(weight)
 
 
 def prepare(model: Transformer, mode: str) -> Transformer:

@@ -88,7 +88,7 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The residual stream's dtype: that of the norms, which stay fp32 in every inference mode."""
-        return next(self.parameters()).dtype
+        return self.blocks[0].attention_norm.weight.dtype
 
     def output_weight(self) -> torch.Tensor:
         """The (vocab, d) unembedding matrix: the token embedding itself when tied."""

@@ -42,7 +42,7 @@ def int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
 
 def int4_supported(n: int, k: int, group_size: int = INT4_GROUP_SIZE) -> bool:
     """Whether torch's packed int4 CPU kernel takes an (N, K) matrix: K in whole groups and tiles."""
-    return k % group_size == 0 and k % (16 * INT4_INNER_K_TILES) == 0 and n % 8 == 0
+    return k % group_size == 0 and k % (16 * INT4_INNER_K_TILES) == 0 and n % 16 == 0
 
 
 def _frozen(bias: torch.Tensor | None) -> nn.Parameter | None:
@@ -80,7 +80,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         n, k = weight.shape
         if not int4_supported(n, k, group_size):
-            raise ValueError(f"int4 needs K divisible by {group_size} and 32, N by 8; got ({n}, {k})")
+            raise ValueError(f"int4 needs K divisible by {group_size} and 32, N by 16; got ({n}, {k})")
         q, scales, zeros = int4_groups(weight.detach(), group_size)
         self.in_features, self.out_features, self.group_size = k, n, group_size
         self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES))
@@ -115,11 +115,52 @@ class Bf16Linear(nn.Module):
 class QuantisedEmbedding(nn.Module):
     """A token embedding whose rows are read from a quantised matrix (shared with a tied LM head)."""
 
-    def __init__(self, table: Int8Linear | Bf16Linear) -> None:
+    def __init__(self, table: "Int8Linear | Bf16Linear | ShortlistHead") -> None:
         super().__init__()
         self.table = table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.table, Bf16Linear):
             return self.table.weight[ids].float()
+        if isinstance(self.table, ShortlistHead):
+            return self.table.rows(ids)
         return self.table.dequantised_rows(ids)
+
+
+def int8_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float → q (N, K) int8, scales (N, K / G) fp32 with W ≈ s·q per group (GGUF Q8_0's form)."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // group_size, group_size)
+    scales = groups.abs().amax(dim=-1).clamp(min=1e-12) / 127
+    q = torch.round(groups / scales[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(n, k), scales
+
+
+class ShortlistHead(nn.Module):
+    """The LM head (and its tied embedding) as int8 rows in groups of 32 — GGUF Q8_0's own form, so the
+    rows of a Q8_0 model come back exactly — with an int4 copy for a fast first pass.
+
+    logits = x·Ŵᵀ in two passes: the int4 copy scores every token (half the bytes of int8), its top
+    ``shortlist`` tokens are re-scored exactly from the int8 rows, and those exact scores replace the
+    approximate ones. Greedy decoding and top-k ≤ shortlist sampling see exact logits; the tail of the
+    distribution keeps int4-accurate ones. Why: an int4 head alone flips near-tied greedy choices.
+    """
+
+    def __init__(self, weight: torch.Tensor, shortlist: int = 32, group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__()
+        q, scales = int8_groups(weight.detach(), group_size)
+        self.group_size, self.shortlist = group_size, shortlist
+        self.register_buffer("rows_int8", q)
+        self.register_buffer("row_scales", scales)
+        self.first_pass = Int4Linear(weight)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ŵ[ids] (…, K) in fp32: the embedding lookup, and the rows the second pass re-scores with."""
+        q = self.rows_int8[ids].float().unflatten(-1, (-1, self.group_size))  # (…, K / G, G)
+        return (q * self.row_scales[ids][..., None]).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.first_pass(x)  # (…, V): every token, int4-accurate
+        candidates = logits.topk(min(self.shortlist, logits.shape[-1]), dim=-1).indices  # (…, k)
+        exact = torch.einsum("...d,...kd->...k", x.float(), self.rows(candidates))
+        return logits.scatter(-1, candidates, exact)
