@@ -141,17 +141,18 @@ def test_write_json_atomically_leaves_no_temp_file(tmp_path):
 # --------------------------------------------------------------------------------------------- targets and tables
 
 
-def system(kind, mode, *, default=False, decode=10.0, prefill=100.0, rss=500.0, ttft=2.0, agree=None):
+def system(kind, mode, *, default=False, decode=10.0, prefill=100.0, rss=500.0, ttft=2.0, agree=None, forced=None):
     return {"system": kind, "mode": mode, "default": default, "load_s": 1.0, "ttft_s": ttft, "prefill_tok_s": prefill,
             "decode_short_tok_s": decode, "decode_long_tok_s": decode * 0.9, "peak_rss_mb": rss, "agreement": agree,
-            "version": "1"}
+            "teacher_forced": forced, "version": "1"}
 
 
 def fake_results(peers=("transformers", "llama.cpp")):
-    agree = agreements({"short": [1] * 127 + [2], "long": [1] * 128}, {"short": [1] * 128, "long": [1] * 128})
+    agree = agreements({"short": [1] * 100 + [2] * 28, "long": [1] * 128}, {"short": [1] * 128, "long": [1] * 128})
+    forced = agreements({"short": [1] * 127 + [2], "long": [1] * 128}, {"short": [1] * 128, "long": [1] * 128})
     systems = {"attnlab fp32": system("attnlab", "fp32", decode=20.0, prefill=700.0, rss=900.0, ttft=2.5),
                "attnlab int4": system("attnlab", "int4", default=True, decode=130.0, prefill=700.0, rss=400.0,
-                                      ttft=2.9, agree=agree)}
+                                      ttft=2.9, agree=agree, forced=forced)}
     if "transformers" in peers:
         systems["transformers"] = system("transformers", "fp32", decode=25.0, prefill=650.0, rss=1300.0, ttft=20.0,
                                          agree=agreements({"short": [1] * 128, "long": [1] * 128},
@@ -161,7 +162,8 @@ def fake_results(peers=("transformers", "llama.cpp")):
         systems["llama.cpp"] = system("llama.cpp", "Q4_1", decode=80.0, prefill=300.0, rss=200.0, ttft=1.0)
     results = {"settings": {"model": "m", "threads": 2, "new_tokens": 128, "repeats": 3, "prompt_tokens": 512},
                "prompt_lengths": {"short": 37, "long": 512}, "systems": systems, "reference": "attnlab fp32",
-               "default_mode": "int4", "agreement_method": "free-running", "unavailable": {"attnlab int8": "no AVX"},
+               "default_mode": "int4", "agreement_method": "free-running", "teacher_forced_method": "teacher-forced",
+               "unavailable": {"attnlab int8": "no AVX"},
                "skipped": {} if "llama.cpp" in peers else {"llama.cpp": LLAMA_CPP_HINT}, "notes": [],
                "short_prompt_chat": True, "batch": None,
                "machine": {"cpu": "cpu", "cpus": 2, "threads": 2, "torch": "2", "python": "3", "other_cpus": 0.0,
@@ -205,9 +207,9 @@ def render_text(results) -> str:
 
 def test_render_shows_systems_ratios_targets_and_notes():
     text = render_text(fake_results())
-    for fragment in ("attnlab int4 (default)", "transformers fp32 (sdpa)", "llama.cpp Q4_1", "127/128, prefix 127",
+    for fragment in ("attnlab int4 (default)", "transformers fp32 (sdpa)", "llama.cpp Q4_1", "100/128, prefix 100",
                      "attnlab / llama.cpp Q4_1", "1.62× ✓", "attnlab int8: not available: no AVX", "PASS",
-                     "greedy agreement = fp32: free-running"):
+                     "greedy agreement = fp32 (table): free-running", "greedy agreement (target): teacher-forced"):
         assert fragment in text, fragment
     assert "decode @ 37 (≥ 1.5×)" in text and "decode @ 512 (≥ 1.5×)" in text
 

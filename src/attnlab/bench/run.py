@@ -223,6 +223,11 @@ class Worker:
             raise BenchError(f"{self.label} generated {len(answer['tokens'])} tokens instead of {new_tokens}")
         return answer
 
+    def teacher_forced(self, prompt: str, tokens: Sequence[int]) -> list[int]:
+        """The worker's greedy token after each prefix of ``tokens`` following the named prompt (attnlab only)."""
+        self.send({"teacher_forced": prompt, "tokens": list(tokens)})
+        return self.receive()["predicted"]
+
     def finish(self) -> dict[str, Any]:
         """Tell the worker to stop; its final message (peak RSS)."""
         self.send({"done": True})
@@ -448,6 +453,12 @@ def measure_all(started: Started, options: BenchOptions, say: Say) -> tuple[dict
     busy_before, start = cpu_jiffies(), time.perf_counter()
     ours_before = sum(worker.cpu_seconds() for worker in workers.values()) + sum(os.times()[:2])
     measured = measure(workers, options.prompt_tokens, options.new_tokens, options.repeats, say)
+    if REFERENCE in measured:  # every attnlab mode, fed fp32's greedy tokens: does it pick the same at each step?
+        reference = measured[REFERENCE]["tokens"]
+        for label, worker in workers.items():
+            if label.startswith("attnlab") and label != REFERENCE:
+                predicted = {prompt: worker.teacher_forced(prompt, reference[prompt]) for prompt in ("short", "long")}
+                measured[label]["teacher_forced"] = agreements(predicted, reference)
     ours_after = sum(worker.cpu_seconds() for worker in workers.values()) + sum(os.times()[:2])
     busy_after, wall = cpu_jiffies(), time.perf_counter() - start
     others = None
@@ -504,6 +515,8 @@ def run_bench(options: BenchOptions, say: Say | None = None) -> dict[str, Any]:
         "reference": REFERENCE if reference is not None else None,
         "agreement_method": "free-running: each system generates its own greedy tokens from the same prompt; "
                             "positions compared one by one with attnlab fp32's, plus the common prefix",
+        "teacher_forced_method": "each attnlab mode reads the prompt + attnlab fp32's greedy tokens in one pass; "
+                                 "at each step, is its argmax fp32's token (what the agreement target judges)",
         "systems": systems_out,
         "unavailable": {f"attnlab {mode}": reason for mode, reason in started.unavailable.items()},
         "skipped": plan.skipped,

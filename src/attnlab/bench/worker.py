@@ -184,10 +184,16 @@ def load_attnlab(args: argparse.Namespace, prompts: dict[str, list[int]] | None)
                 clock.tick(token)
         return clock.result()
 
+    def teacher_forced(prompt: Sequence[int], tokens: Sequence[int]) -> list[int]:
+        """argmax after prompt + tokens[:i] for every i, in one pass (tokens are the reference's greedy ones)."""
+        with torch.inference_mode():
+            logits = model(torch.tensor([list(prompt) + list(tokens[:-1])]))[0, len(prompt) - 1:]
+        return logits.argmax(-1).tolist()
+
     info = {"load_s": load_s, "mode": lm.mode, "asked_mode": args.mode,
             "built_on_load": built, "load_messages": load_messages, "version": attnlab.__version__,
             "torch_version": torch.__version__, "threads": torch.get_num_threads(), "prompts": prompts,
-            "short_prompt_chat": chat, "context_length": lm.config.context_length}
+            "short_prompt_chat": chat, "context_length": lm.config.context_length, "teacher_forced": teacher_forced}
     return run, info
 
 
@@ -299,6 +305,7 @@ def worker_main(argv: Sequence[str]) -> int:
     try:
         runner, info = LOADERS[args.worker](args, prompts)
         prompts = info.pop("prompts", prompts)
+        teacher_forced = info.pop("teacher_forced", None)  # attnlab's workers only
         first, first_s, _ = runner(prompts["short"], 1)
         ttft_s = time.time() - args.spawn_time
     except Unavailable as reason:
@@ -313,6 +320,9 @@ def worker_main(argv: Sequence[str]) -> int:
         request = json.loads(line)
         if request.get("done"):
             break
+        if "teacher_forced" in request:  # attnlab only: its greedy choice after each prefix of the given tokens
+            reply({"predicted": teacher_forced(prompts[request["teacher_forced"]], request["tokens"])})
+            continue
         tokens, first_s, last_s = runner(prompts[request["prompt"]], request["new_tokens"])
         reply({"first_s": first_s, "last_s": last_s, "tokens": tokens})
     reply({"peak_rss_mb": peak_rss_mb()})
