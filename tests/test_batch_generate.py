@@ -189,3 +189,21 @@ def test_smollm2_three_prompts_in_one_batch_equal_each_alone(smollm2_path):
     assert generate_batch_token_ids(lm.model, prompts, max_new_tokens=16, stop_ids=stop_ids) == alone
     assert alone[2] == [504, 3575, 282, 4649, 314, 7042, 30, 2]  # "The capital of France is Paris." and <|im_end|>
     assert all(len(tokens) == 16 for tokens in alone[:2])
+
+
+def test_batch_throughput_rows_measure_the_same_work_at_every_size():
+    from attnlab.throughput import batch_throughput
+
+    tokenizer = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .")
+    config = ModelConfig(family="llama", vocab_size=tokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2,
+                         n_kv_heads=1, head_dim=8, d_ff=32, context_length=64)
+    lm = LanguageModel(Transformer(config).eval(), tokenizer, "tiny")
+    rows = batch_throughput(lm, [4, 1, 2], new_tokens=5, repeats=2, prompts=["the cat", "a", "dogs run"])
+    assert [row["batch_size"] for row in rows] == [1, 2, 4]
+    assert all(row["sequences"] == 4 and row["same_tokens_as_baseline"] for row in rows)  # 3 prompts cycled to 4
+    assert rows[0]["ratio"] == 1.0 and rows[0]["baseline_batch_size"] == 1
+    for row in rows:
+        assert row["tokens_per_s"] == pytest.approx(4 * 5 / row["seconds"], rel=0.01)
+        assert row["per_sequence_tokens_per_s"] == pytest.approx(row["tokens_per_s"] / row["batch_size"], rel=0.01)
+    with pytest.raises(InputError, match="batch sizes"):
+        batch_throughput(lm, [0, 2], new_tokens=5, repeats=1)
