@@ -205,7 +205,7 @@ class LanguageModel:
                 generated[row].append(token)
                 done[row] = token in stop_ids or any(text in decode(generated[row]) for text in stop)
             if all(done):
-                break  # every row hit a stop id or a stop string: no need to decode the others further
+                break  # every row hit a stop id or a stop string: end now, not at max_new_tokens
         # the same cut at stop ids and stop strings as streaming one prompt makes
         return ["".join(stream_text(iter(ids), decode, stop_ids, stop)) for ids in generated]
 
