@@ -119,6 +119,43 @@ def test_generate_on_an_attnlab_checkpoint(tiny_checkpoint):
     assert len(text) == 5 and set(text) <= set("abcdefghijklmnopqrstuvwxyz .")
 
 
+def test_generate_several_prompts_as_one_batch_labelled_or_as_a_json_list(tiny_checkpoint, tmp_path):
+    model = ("--model", str(tiny_checkpoint))
+    result = run("generate", *model, "the cat", "a", "-n", "6")
+    assert result.returncode == 0, result.stderr
+    blocks = result.stdout.split("\n\n")
+    assert [block.splitlines()[0] for block in blocks] == ["=== prompt 1 of 2: the cat", "=== prompt 2 of 2: a"]
+    alone = [json.loads(cli("generate", *model, prompt, "-n", "6", "--json").stdout) for prompt in ("the cat", "a")]
+    assert [block.splitlines()[1] for block in blocks] == [item["text"] for item in alone]
+    batch = json.loads(cli("generate", *model, "the cat", "a", "-n", "6", "--json").stdout)
+    assert batch == alone  # a list of the objects one prompt prints, in order
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("the cat\na\n")
+    assert json.loads(cli("generate", *model, "--prompts-file", str(prompts_file), "-n", "6", "--json").stdout) == alone
+    one_line = tmp_path / "one.txt"
+    one_line.write_text("the cat\n")  # a file always gives the labelled batch form, even for one prompt
+    assert cli("generate", *model, "--prompts-file", str(one_line), "-n", "6").stdout.startswith("=== prompt 1 of 1")
+
+
+def test_generate_batch_bad_input_names_the_prompt_or_file_line(tiny_checkpoint, tmp_path):
+    model = ("--model", str(tiny_checkpoint))
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("the cat\n   \na dog\n")
+    assert_clean_error(cli("generate", *model, "--prompts-file", str(prompts_file)), f"{prompts_file}:2: blank line")
+    prompts_file.write_text("the cat\na dog!\n")
+    assert_clean_error(cli("generate", *model, "--prompts-file", str(prompts_file)), f"{prompts_file}:2: ")
+    assert_clean_error(cli("generate", *model, "--prompts-file", str(prompts_file)), "'!'")
+    (tmp_path / "empty.txt").write_text("")
+    assert_clean_error(cli("generate", *model, "--prompts-file", str(tmp_path / "empty.txt")), "no prompts in it")
+    assert_clean_error(cli("generate", *model, "--prompts-file", str(tmp_path / "nope.txt")), "nope.txt: no such file")
+    assert_clean_error(cli("generate", *model, "--prompts-file", str(tmp_path)), "cannot read it")
+    assert_clean_error(cli("generate", *model, "ab", "--prompts-file", str(prompts_file)), "not both")
+    assert_clean_error(cli("generate", *model, "ab", " "), "prompt 2 of 2: the prompt is empty")
+    assert_clean_error(cli("generate", *model, "ab", "a" * 40), "prompt 2 of 2 is 40 tokens, longer than the model's")
+    no_prompt = cli("generate", *model)
+    assert no_prompt.returncode == 2 and "usage" in no_prompt.stderr and "--prompts-file" in no_prompt.stderr
+
+
 def test_bad_input_gives_one_clear_line_and_exit_2(tiny_checkpoint, tmp_path):
     assert_clean_error(cli("generate", "--model", str(tmp_path / "nope.gguf"), "hi"), "no such file")
     assert_clean_error(cli("generate", "--model", "no-such-model", "hi"), "not a named model")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnlab.data.corpora import CORPORA
-from attnlab.errors import AttnlabError
+from attnlab.errors import AttnlabError, InputError
 from attnlab.evaluate import BOS_MODES
 from attnlab.fast import MODES
 from attnlab.train.config import PRESETS
@@ -86,14 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnlab", description="Run, inspect and re-engineer transformer attention.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    generate = commands.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming")
+    generate = commands.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming; "
+                                   "several prompts run together as one batch")
     _add_model(generate)
-    generate.add_argument("prompt", help="the prompt text")
+    generate.add_argument("prompts", nargs="*", metavar="PROMPT",
+                          help="the prompt text; give several to generate them together as one batch")
+    generate.add_argument("--prompts-file", metavar="FILE",
+                          help="read the prompts from FILE, one per line (- reads stdin), and run them as one batch")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_sampling(generate)
     _add_mode(generate)
-    generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    generate.set_defaults(handler=cmd_generate)
+    generate.add_argument("--json", action="store_true",
+                          help="print one JSON object instead of streaming (several prompts: a list of them)")
+    generate.set_defaults(handler=cmd_generate, usage_error=generate.error)
 
     chat = commands.add_parser("chat", help="interactive chat that keeps the history (reads stdin if not a TTY)")
     _add_model(chat)
@@ -267,20 +272,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _generate_prompts(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(label, prompt) pairs from the command line or --prompts-file; the label names a prompt in errors."""
+    from pathlib import Path
+
+    if args.prompts_file is None:
+        if not args.prompts:
+            args.usage_error("give a prompt (or several), or --prompts-file FILE")
+        return [(f"prompt {number} of {len(args.prompts)}", prompt) for number, prompt in enumerate(args.prompts, 1)]
+    if args.prompts:
+        raise InputError("give the prompts as arguments or in --prompts-file, not both")
+    name = "<stdin>" if args.prompts_file == "-" else args.prompts_file
+    try:
+        text = sys.stdin.read() if args.prompts_file == "-" else Path(args.prompts_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{name}: not UTF-8 text") from None
+    except OSError as error:
+        raise InputError(f"{name}: cannot read it ({error.strerror})") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            raise InputError(f"{name}:{number}: blank line; put one prompt on each line")
+        prompts.append((f"{name}:{number}", line))
+    if not prompts:
+        raise InputError(f"{name}: no prompts in it; put one prompt on each line")
+    return prompts
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import attnlab
 
+    prompts = _generate_prompts(args)
     lm = attnlab.load(args.model, mode=args.mode, compile=args.compile)
-    ids = lm.prompt_ids(args.prompt, chat=args.chat, system=args.system)
-    pieces = lm.stream_ids(ids, **_sampling_kwargs(args))
-    if args.json:
-        text = "".join(pieces)
-        print(json.dumps({"model": lm.name, "prompt": args.prompt, "chat": args.chat, "prompt_tokens": len(ids),
-                          "text": text}, ensure_ascii=False))
+    if args.prompts_file is None and len(prompts) == 1:  # one prompt: streamed as it is generated
+        prompt = prompts[0][1]
+        ids = lm.prompt_ids(prompt, chat=args.chat, system=args.system)
+        pieces = lm.stream_ids(ids, **_sampling_kwargs(args))
+        if args.json:
+            text = "".join(pieces)
+            print(json.dumps({"model": lm.name, "prompt": prompt, "chat": args.chat, "prompt_tokens": len(ids),
+                              "text": text}, ensure_ascii=False))
+            return
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
         return
-    for piece in pieces:
-        print(piece, end="", flush=True)
-    print()
+    # Several prompts: one batch, printed when every row is done.
+    all_ids = []
+    for label, prompt in prompts:
+        try:
+            all_ids.append(lm.prompt_ids(prompt, chat=args.chat, system=args.system))
+        except AttnlabError as error:
+            raise type(error)(f"{label}: {error}") from None
+    texts = lm.generate_batch_ids(all_ids, **_sampling_kwargs(args))
+    if args.json:
+        print(json.dumps([{"model": lm.name, "prompt": prompt, "chat": args.chat, "prompt_tokens": len(ids),
+                           "text": text} for (_, prompt), ids, text in zip(prompts, all_ids, texts)],
+                         ensure_ascii=False, indent=2))
+        return
+    for number, ((_, prompt), text) in enumerate(zip(prompts, texts), 1):
+        if number > 1:
+            print()
+        print(f"=== prompt {number} of {len(prompts)}: {prompt}")
+        print(text)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

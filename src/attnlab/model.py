@@ -97,11 +97,14 @@ class Transformer(nn.Module):
     def forward(self, ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 capture: Capture | None = None, return_hidden: bool = False,
-                last_position_only: bool = False) -> torch.Tensor:
+                last_position_only: bool = False, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) → logits (B, T, vocab), or the final hidden states (B, T, d) if asked/encoder.
 
         attention_mask (B, T_total): 1 for real tokens, 0 for padding (keys no one may attend to).
         With a kv_cache, ids are the *new* tokens; their positions continue after the cached ones.
+        position_ids (B, T): each token's position in its own row, for RoPE / learned positions, where
+        it is not its slot (a left-padded batch: a row's first real token is at position 0). The
+        mask still compares slots, which orders real tokens the same way.
         last_position_only: project only the last position to the vocabulary (all generation needs;
         for a 512-token prompt it skips a 512 × d × vocab matmul).
         """
@@ -110,7 +113,10 @@ class Transformer(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > config.context_length:
             raise ValueError(f"{start + T} tokens exceed the context length {config.context_length}")
-        positions = torch.arange(start, start + T, device=ids.device)
+        slots = torch.arange(start, start + T, device=ids.device)
+        if position_ids is not None and position_ids.shape != ids.shape:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} must have the shape of ids {tuple(ids.shape)}")
+        positions = slots if position_ids is None else position_ids  # (T,) shared by the batch, or (B, T)
 
         x = self.token_embedding(ids)  # (B, T, d)
         if config.embedding_scale is not None:
@@ -123,7 +129,7 @@ class Transformer(nn.Module):
         if config.embedding_norm:
             x = self.embedding_norm(x)
 
-        masks = self._masks(positions, start + T, attention_mask)
+        masks = self._masks(slots, start + T, attention_mask)
         ropes = self._rope_tables(positions)
         for block, (rope_kind, mask_kind) in zip(self.blocks, self.layer_kinds):
             x = block(x, masks[mask_kind], ropes[rope_kind] if ropes else None, kv_cache, capture)
@@ -160,9 +166,15 @@ class Transformer(nn.Module):
         }
 
     def _rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """cos/sin tables (T, hd) for positions (T,); for per-row positions (B, T), (B, 1, T, hd) ones."""
         if self.config.positions != "rope":
             return None
-        return {"global": self.rope_global.cos_sin(positions), "local": self.rope_local.cos_sin(positions)}
+        tables = {"global": self.rope_global.cos_sin(positions.reshape(-1)),
+                  "local": self.rope_local.cos_sin(positions.reshape(-1))}
+        if positions.dim() == 2:  # one table per row, broadcast over the heads
+            B, T = positions.shape
+            tables = {kind: (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)) for kind, (cos, sin) in tables.items()}
+        return tables
 
 
 def rebuild_rope_tables(model: Transformer) -> None:
