@@ -234,7 +234,7 @@ class LanguageModel:
 
 
 def load(source: str | Path = DEFAULT_MODEL, *, use_cache: bool = True, mode: str = "fp32",
-         compile: bool | None = None) -> LanguageModel:
+         compile: bool = False) -> LanguageModel:
     """Load a model by name, .gguf path, Hugging Face folder, attnlab checkpoint or training run folder.
 
     GGUF files are dequantised to fp32 once and cached as an attnlab checkpoint (``use_cache``),
@@ -242,8 +242,9 @@ def load(source: str | Path = DEFAULT_MODEL, *, use_cache: bool = True, mode: st
 
     mode: ``fp32`` (default: the exact model, what inspection reads), ``bf16``, ``int8``, ``int4`` or
     ``auto`` (the fastest this machine runs; see ``attnlab.fast``). A prepared (quantised) model is cached
-    too, so later loads never touch the fp32 weights. compile: compile the decode step (default: in every
-    mode but fp32); built once per model and machine, then reused.
+    too, so later loads never touch the fp32 weights. compile: run the decode step compiled ahead of time
+    by AOTInductor (built once per model, mode and machine, then reused): faster at short contexts, slower
+    at long ones (see README, Performance), hence off by default.
     """
     text = str(source)
     if text in NAMED_MODELS:
@@ -274,7 +275,7 @@ def load(source: str | Path = DEFAULT_MODEL, *, use_cache: bool = True, mode: st
                              f"(Hugging Face checkpoint)")
 
 
-def _load_checkpoint_folder(folder: Path, name: str, source: str, mode: str, compile: bool | None,
+def _load_checkpoint_folder(folder: Path, name: str, source: str, mode: str, compile: bool,
                             use_cache: bool) -> LanguageModel:
     """An attnlab checkpoint in the asked-for mode; a prepared (quantised) copy is cached beside the others."""
     manifest = read_manifest(folder)
@@ -302,14 +303,12 @@ def _load_checkpoint_folder(folder: Path, name: str, source: str, mode: str, com
     return lm
 
 
-def _with_mode(lm: LanguageModel, mode: str, compile: bool | None, cache_key: str | None) -> LanguageModel:
+def _with_mode(lm: LanguageModel, mode: str, compile: bool, cache_key: str | None) -> LanguageModel:
     """Apply an inference mode to a loaded model (a no-op for one already prepared) and compile its decode step."""
     resolved = fast.resolve_mode(mode, lm.config)
     if lm.mode != resolved:
         fast.prepare(lm.model, resolved)
         lm.mode = resolved
-    if compile is None:
-        compile = resolved != "fp32"
     if compile and lm.config.lm_head and lm.config.causal:
         key = cache_key or hashlib.sha256(json.dumps(lm.config.to_dict(), sort_keys=True).encode()).hexdigest()[:24]
         lm.decode_step = fast.compiled_decode_step(lm.model, f"{key}-{resolved}")
