@@ -316,14 +316,17 @@ def worker_main(argv: Sequence[str]) -> int:
         return 2
     reply({"ready": True, **info, "prompts": prompts, "ttft_s": ttft_s, "first_token_s": first_s,
            "first_token": first})
+    peak_generating = None
     for line in sys.stdin:
         request = json.loads(line)
         if request.get("done"):
             break
         if "teacher_forced" in request:  # attnlab only: its greedy choice after each prefix of the given tokens
+            # a full-sequence pass with every position's logits is no part of generating: peak RSS is read before it
+            peak_generating = peak_generating or peak_rss_mb()
             reply({"predicted": teacher_forced(prompts[request["teacher_forced"]], request["tokens"])})
             continue
         tokens, first_s, last_s = runner(prompts[request["prompt"]], request["new_tokens"])
         reply({"first_s": first_s, "last_s": last_s, "tokens": tokens})
-    reply({"peak_rss_mb": peak_rss_mb()})
+    reply({"peak_rss_mb": peak_generating or peak_rss_mb()})
     return 0
