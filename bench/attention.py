@@ -208,16 +208,6 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def lengths(args: argparse.Namespace) -> list[int]:
     result, length = [], args.min_length
     while length <= args.max_length:
@@ -355,6 +345,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def parent_main(args: argparse.Namespace) -> int:
     import torch
+
+    from attnlab.bench.run import cpu_model
 
     if not Path("/proc/self/status").exists():
         raise BenchError("needs Linux /proc to measure peak memory")

@@ -75,34 +75,32 @@ def mode_names() -> tuple[str, ...]:
     return tuple(fast.MODES)
 
 
-def parse_modes(text: str, names: Sequence[str]) -> list[str]:
-    """``all`` or a comma list of mode names → the modes, in ``names`` order; unknown names are an InputError."""
-    asked = [part.strip().lower() for part in text.split(",") if part.strip()]
+def parse_choices(text: str, names: Sequence[str], what: str, *, aliases: dict[str, str] | None = None,
+                  allow_none: bool = False) -> list[str]:
+    """``all`` (or ``none``) or a comma list of ``names`` → the chosen ones, in ``names`` order; an empty list or
+    an unknown name is an InputError naming the option (``--{what}s``)."""
+    aliases = aliases or {}
+    asked = [aliases.get(part.strip().lower(), part.strip().lower()) for part in text.split(",") if part.strip()]
+    others = "all or none" if allow_none else "or all"
+    if allow_none and asked == ["none"]:
+        return []
     if not asked:
-        raise InputError(f"--modes is empty: give {', '.join(names)} or all")
+        raise InputError(f"--{what}s is empty: give a comma list of {', '.join(names)}, {others}")
     if "all" in asked:
         return list(names)
-    unknown = [mode for mode in asked if mode not in names]
+    unknown = [name for name in asked if name not in names]
     if unknown:
-        raise InputError(f"unknown mode {unknown[0]!r} in --modes: expected a comma list of {', '.join(names)}, "
-                         f"or all")
-    return [mode for mode in names if mode in asked]
+        raise InputError(f"unknown {what} {unknown[0]!r} in --{what}s: expected a comma list of {', '.join(names)}, "
+                         f"{others}")
+    return [name for name in names if name in asked]
+
+
+def parse_modes(text: str, names: Sequence[str]) -> list[str]:
+    return parse_choices(text, names, "mode")
 
 
 def parse_peers(text: str) -> list[str]:
-    """``none``, ``all`` or a comma list of peers (transformers, llama.cpp) → the peers, in a fixed order."""
-    asked = [PEER_ALIASES.get(part.strip().lower(), part.strip().lower()) for part in text.split(",") if part.strip()]
-    if asked == ["none"]:
-        return []
-    if not asked:
-        raise InputError(f"--peers is empty: give a comma list of {', '.join(PEERS)}, all or none")
-    if "all" in asked:
-        return list(PEERS)
-    unknown = [peer for peer in asked if peer not in PEERS]
-    if unknown:
-        raise InputError(f"unknown peer {unknown[0]!r} in --peers: expected a comma list of {', '.join(PEERS)}, "
-                         f"all or none")
-    return [peer for peer in PEERS if peer in asked]
+    return parse_choices(text, PEERS, "peer", aliases=PEER_ALIASES, allow_none=True)
 
 
 def check_numbers(options: BenchOptions) -> None:
