@@ -207,3 +207,22 @@ def test_batch_throughput_rows_measure_the_same_work_at_every_size():
         assert row["per_sequence_tokens_per_s"] == pytest.approx(row["tokens_per_s"] / row["batch_size"], rel=0.01)
     with pytest.raises(InputError, match="batch sizes"):
         batch_throughput(lm, [0, 2], new_tokens=5, repeats=1)
+
+
+@pytest.mark.parametrize(("spec", "positions"), [("sigmoid", "rope"), ("linear:elu", "rope"), ("kernel", "rope"),
+                                                  ("merged-qk:4", "learned"), ("no-q", "rope"),
+                                                  ("sliding-window:3", "rope")])
+def test_every_attention_variant_batches_as_each_prompt_alone(spec, positions):
+    """Each variant masks the padding its own way (sigmoid: σ(−big) = 0; linear: the weights × mask);
+    context 32 with 12 + 30 tokens also slides the longest row."""
+    torch.manual_seed(0)
+    family = dict(family="gpt2", positions="learned", norm="layernorm", mlp="gelu") if positions == "learned" else {
+        "family": "llama"}
+    config = ModelConfig(vocab_size=20, d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32,
+                         context_length=32, attention=spec, **family)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        model.token_embedding.weight.mul_(20)
+    prompts = _prompts((1, 5, 12), vocab=20)
+    alone = [list(generate_token_ids(model, prompt, max_new_tokens=30)) for prompt in prompts]
+    assert generate_batch_token_ids(model, prompts, max_new_tokens=30) == alone
