@@ -90,6 +90,7 @@ def test_peer_skip_reasons(monkeypatch):
     monkeypatch.setattr(bench_run.importlib.util, "find_spec",
                         lambda name: None if name == "llama_cpp" else real_find_spec(name))
     assert peer_skip_reason("llama.cpp", "gguf") == LLAMA_CPP_HINT
+    assert peer_skip_reason("llama.cpp", "hf") == "llama.cpp reads GGUF files only"  # installed or not
     monkeypatch.setattr(bench_run.importlib.util, "find_spec", lambda name: object())
     assert peer_skip_reason("llama.cpp", "hf") == "llama.cpp reads GGUF files only"
     assert peer_skip_reason("llama.cpp", "gguf") is None

@@ -138,10 +138,10 @@ def peer_skip_reason(peer: str, model_kind: str) -> str | None:
         needed = ("transformers", "accelerate") if model_kind == "gguf" else ("transformers",)
         missing = [name for name in needed if importlib.util.find_spec(name) is None]
         return f"pip install {' '.join(missing)}" if missing else None
+    if model_kind != "gguf":  # whether installed or not: the format rules it out
+        return "llama.cpp reads GGUF files only"
     if importlib.util.find_spec("llama_cpp") is None:
         return LLAMA_CPP_HINT
-    if model_kind != "gguf":
-        return "llama.cpp reads GGUF files only"
     return None
 
 
