@@ -43,9 +43,9 @@ def _add_mode(parser: argparse.ArgumentParser, default: str = "auto") -> None:
                         help=f"weights for inference: auto = the fastest this machine runs (int4 where torch's int4 "
                              f"CPU kernel exists; fp32 for models under 20M parameters and encoders), or force "
                              f"one (default: {default})")
-    parser.add_argument("--compile", action="store_true",
-                        help="decode with a step compiled ahead of time (AOTInductor; built once per model, mode and "
-                             "machine, then cached): faster at short contexts, slower at long ones")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode with a step compiled ahead of time by AOTInductor (default: on in the quantised "
+                             "modes, off in fp32; built once per model, mode and machine, ~2 min, then cached)")
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,6 @@ kernel), and fp32 for an encoder, whose use is inspection, or a small model.
 """
 
 import hashlib
-import json
 import os
 import platform
 import sys
@@ -25,11 +24,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from attnlab.attention import MultiHeadAttention
 from attnlab.compress.quantize import (
+    INT4_GROUP_SIZE,
     Bf16Linear,
     Int4Linear,
     Int8Linear,
@@ -42,7 +41,7 @@ from attnlab.errors import InputError, WeightsFormatError
 from attnlab.generate import DecodeStep
 from attnlab.kv_cache import KVCache
 from attnlab.layers import GatedMLP
-from attnlab.model import Transformer, rebuild_rope_tables
+from attnlab.model import Transformer
 from attnlab.paths import cache_dir
 
 MODES = ("fp32", "bf16", "int8", "int4")
@@ -163,72 +162,41 @@ def prepare(model: Transformer, mode: str) -> Transformer:
 # ------------------------------------------------------------------------------------------ prepared weights
 
 
-def prepared_skeleton(config: ModelConfig, mode: str) -> Transformer:
-    """The structure of a prepared model on the meta device, ready for ``load_state_dict(assign=True)``
-    with a prepared state dict: how a cached prepared model loads without touching the fp32 weights."""
-    with torch.device("meta"):
-        model = Transformer(config)
-        prepare(model, mode)
-    return model
-
-
 def save_prepared(model: Transformer, path: Path) -> None:
-    """Write a prepared model's tensors (packed int4, int8, bf16…) to one safetensors file, atomically."""
+    """Write a prepared model (packed int4, int8, bf16 matrices…) to one file, atomically.
+
+    The whole module is pickled, not a state dict: loading a state dict needs the prepared structure first, and
+    building that (quantising on the meta device) runs Python reference kernels that import torch._dynamo — 2 s
+    of every start. Unpickling builds nothing. The file is only read back by the code that wrote it: its name
+    carries ``source_fingerprint()``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    state, aliases, seen = {}, {}, {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:  # a tied head: the embedding's table under a second name
-            aliases[name] = seen[tensor.data_ptr()]
-            continue
-        seen[tensor.data_ptr()] = name
-        state[name] = tensor.detach().contiguous()
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(state, str(partial), metadata={"aliases": json.dumps(aliases)})
+        torch.save(model, partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
 
 
-def load_prepared(config: ModelConfig, mode: str, path: Path) -> Transformer:
-    model = prepared_skeleton(config, mode)
-    state, metadata = read_safetensors_aligned(path)
-    aliases = json.loads(metadata.get("aliases", "{}"))
-    state.update({alias: state[name] for alias, name in aliases.items()})
-    model.load_state_dict(state, assign=True)
-    rebuild_rope_tables(model)
+def load_prepared(path: Path) -> Transformer:
+    """A model written by ``save_prepared``; each tensor in its own allocation (torch's packed int4/int8 kernels
+    crash on weights that are not 64-byte aligned, as views into one file buffer can be)."""
+    try:
+        model = torch.load(path, weights_only=False)  # attnlab's own cache file, written by save_prepared
+    except Exception as error:  # a truncated or foreign file: unpickling raises many kinds of error
+        raise WeightsFormatError(f"{path}: unreadable prepared model ({error}); delete it to rebuild") from None
+    if not isinstance(model, Transformer):
+        raise WeightsFormatError(f"{path}: holds a {type(model).__name__}, not a prepared model; delete it to rebuild")
     return model.eval()
 
 
-SAFETENSORS_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "BF16": torch.bfloat16,
-                      "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
-
-
-def read_safetensors_aligned(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file, each tensor read into its own fresh allocation.
-
-    Why not ``safetensors.load_file``: its tensors are views into one buffer (or a memory map) at offsets that
-    need not be 64-byte aligned, and torch's packed int4/int8 kernels crash on misaligned weights. Reading
-    with plain file I/O also keeps the file's pages out of this process's resident memory.
-    """
-    try:
-        with path.open("rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_size))
-            start = 8 + header_size
-            tensors = {}
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = entry["data_offsets"]
-                raw = torch.empty(end - begin, dtype=torch.uint8)
-                handle.seek(start + begin)
-                if handle.readinto(raw.numpy()) != end - begin:
-                    raise ValueError(f"tensor {name} is truncated")
-                tensors[name] = raw.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
-        raise WeightsFormatError(f"{path}: unreadable prepared model ({error}); delete it to rebuild") from None
-    return tensors, header.get("__metadata__", {})
+def source_fingerprint() -> str:
+    """A hash of attnlab's own source files: what a pickled prepared model depends on besides torch."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ compiled decoding
@@ -263,32 +231,66 @@ class DecodeGraph(nn.Module):
 def compiled_decode_step(model: Transformer, key: str, *, quiet: bool = False) -> DecodeStep:
     """The decode step compiled ahead of time by AOTInductor, built once per model and machine and cached.
 
-    Why compile: eager PyTorch spends ~4 ms per token launching ~600 small ops (30–35% of a step here);
-    the compiled step fuses them. Why ahead of time: ``torch.compile`` re-traces the model at every start
-    (tens of seconds on a small CPU); a compiled package loads in a second. Measured (README, Performance):
-    1.2× eager after a 37-token prompt but 4× slower after 512 tokens — inductor lowers this graph's
-    dynamic-length attention to generated loops — hence opt-in (``load(compile=True)``, ``--compile``).
+    Why compile: eager PyTorch spends ~4 ms per token launching ~600 small ops (30–35% of a step here) and
+    ~8 ms more in Python between them; the compiled step fuses the small ops and runs them from C++ (SmolLM2
+    int4: 86 vs 33 tok/s after a 34-token prompt, 62 vs 26 after 512). Why ahead of time: ``torch.compile``
+    re-traces the model at every start (tens of seconds on a small CPU); a compiled package loads in a
+    second or two. The KV cache is written in place (``KVCache.update`` says how that is made possible).
     """
-    package = cache_dir() / "compiled" / f"{key}-{_machine_key()}.pt2"
+    package = cache_dir() / "compiled" / f"{key}-{source_fingerprint()}-{_machine_key()}.pt2"  # stale ones never run
     if not package.is_file():
         if not quiet:
-            print("attnlab: compiling the decode step for this machine (first use only, ~1-3 min; later starts "
-                  "load it in a second)…", file=sys.stderr, flush=True)
+            print("attnlab: compiling the decode step for this machine (first use only, ~2 min; later starts "
+                  "load it in seconds)…", file=sys.stderr, flush=True)
         start = time.perf_counter()
         _build_package(model, package)
         if not quiet:
             print(f"attnlab: compiled in {time.perf_counter() - start:.0f} s → {package}", file=sys.stderr)
-    runner = torch._inductor.aoti_load_package(str(package))
+    # The package's loader itself, not ``torch._inductor.aoti_load_package``: that first re-checks the CPU's
+    # instruction sets by compiling test programs (2 s at every start; the package's name already carries the
+    # machine), and its wrapper re-parses the call spec at every call. The step's inputs and output are flat.
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, -1)
+    loader.load_constants(_package_constants(model, loader.get_constant_fqns()), False, True, True)
     shape_carriers = torch.empty(model.config.context_length + 1)
 
     def step(ids: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         if ids.shape[0] != 1:  # the package is built for one sequence; batches decode eagerly
             return model(ids, kv_cache=kv_cache, last_position_only=True)[:, -1]
-        logits = runner(ids, kv_cache.keys, kv_cache.values, shape_carriers[:kv_cache.length + 1])
+        (logits,) = loader.boxed_run([ids, kv_cache.keys, kv_cache.values, shape_carriers[:kv_cache.length + 1]])
         kv_cache.advance(1)
         return logits
 
+    disagreement = _disagreement_with_eager(model, step)
+    if disagreement > 1e-3:  # never seen; a guard on the constants' mapping, which is inductor's business
+        print(f"attnlab: the compiled decode step disagrees with the model (max |Δlogit| {disagreement:.2g}); "
+              f"decoding eagerly. Delete {package} to rebuild it.", file=sys.stderr)
+        return eager_decode_step(model)
     return step
+
+
+def _package_constants(model: Transformer, names: list[str]) -> dict[str, torch.Tensor]:
+    """The package's constants, by name, taken from the model itself: the package is built without its own
+    copy of the weights (``package_constants_in_so`` off), so the weights sit in memory once, not twice.
+    Inductor adds one constant per int4 matmul that is no tensor of the model: the group size, an int64 scalar.
+    """
+    graph = DecodeGraph(model)
+    tensors = dict(graph.named_parameters(remove_duplicate=False)) | dict(graph.named_buffers(remove_duplicate=False))
+    group_size = torch.tensor(INT4_GROUP_SIZE)
+    return {name: tensors.get(name, group_size) for name in names}
+
+
+@torch.inference_mode()
+def _disagreement_with_eager(model: Transformer, step: DecodeStep) -> float:
+    """max |logit difference| between the step and the eager model after a 3-token context (~50 ms)."""
+    context = torch.tensor([[1, 2, 3]])
+    caches = []
+    for _ in range(2):
+        cache = model.new_kv_cache(1, 8, dtype=model.dtype, device=model.device)
+        model(context, kv_cache=cache)
+        caches.append(cache)
+    token = torch.tensor([[4]])
+    expected = model(token, kv_cache=caches[0], last_position_only=True)[:, -1]
+    return (step(token, caches[1]) - expected).abs().max().item()
 
 
 def _build_package(model: Transformer, package: Path) -> None:
@@ -306,7 +308,10 @@ def _build_package(model: Transformer, package: Path) -> None:
     package.parent.mkdir(parents=True, exist_ok=True)
     partial = package.with_name(f".{package.name}.{os.getpid()}.tmp.pt2")
     try:
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
+        # No weights in the package (the model lends its own at load) and no constants folded into new ones
+        # (they would be tensors the model does not have).
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs={
+            "aot_inductor.package_constants_in_so": False, "joint_graph_constant_folding": False})
         os.replace(partial, package)
     finally:
         partial.unlink(missing_ok=True)

@@ -35,8 +35,13 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"KV cache full: {end} tokens for a capacity of {self.capacity}")
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
+        # Written by index tensors into the whole buffer, not by slice assignment into one layer's view: the
+        # same in eager mode (~10 µs more per layer), but the form a compiled graph writes in place. A compiled
+        # write into a view of the buffer copies the whole buffer, every layer, every step (5-10× slower decode).
+        layer_index = torch.full((1,), layer, dtype=torch.long, device=k.device)
+        slots = torch.arange(start, end, device=k.device)
+        self.keys[layer_index, :, :, slots] = k.permute(2, 0, 1, 3)  # indexed dims come first: (T, B, H_kv, hd)
+        self.values[layer_index, :, :, slots] = v.permute(2, 0, 1, 3)
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def advance(self, n_tokens: int) -> None:
