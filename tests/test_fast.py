@@ -156,6 +156,18 @@ def test_compiled_decode_step_matches_eager_and_is_built_once(tmp_path, monkeypa
             == list(generate_token_ids(model, longer, max_new_tokens=20)))
 
 
+def test_disagreement_with_eager_catches_a_wrong_step():
+    """The check a freshly built package must pass before it is used (or it is deleted)."""
+    model = fast.prepare(tiny_llama(), "int4")
+    assert fast._disagreement_with_eager(model, fast.eager_decode_step(model)) == 0.0
+
+    def wrong(ids, kv_cache):
+        kv_cache.advance(1)
+        return torch.zeros(1, model.config.vocab_size)
+
+    assert fast._disagreement_with_eager(model, wrong) > 1e-3
+
+
 def test_shortlist_head_gives_exact_logits_for_its_candidates():
     """Rows of Q8_0's form (s·q per 32 inputs) come back exactly, and the top tokens carry exact logits."""
     torch.manual_seed(0)
