@@ -62,3 +62,38 @@ def test_mode_keeps_greedy_tokens_and_perplexity(reference, mode):
 def test_fp32_mode_is_the_reference_itself(reference):
     fp32, sequences, _, _ = reference
     assert fp32.mode == "fp32" and teacher_forced_agreement(fp32, sequences) == 1.0
+
+
+def test_default_generation_path_keeps_fp32s_greedy_tokens(reference):
+    """The path `attnlab generate` takes (auto mode, compiled decode step), teacher-forced one step at a time on
+    fp32's tokens: issue 6's bar is 99 % of steps. The compiled step is not bit-identical to the eager model
+    (inductor fuses bf16 casts away), so both are held to fp32, and to each other within the bound the package
+    check uses."""
+    _, sequences, _, _ = reference
+    lm = attnlab.load("smollm2-135m-instruct", mode="auto")
+    if lm.mode == "fp32":
+        pytest.skip("no quantised mode runs on this machine, so nothing is compiled by default")
+    assert lm.decode_step is not None  # compiled (built here on a fresh machine, ~2 min, else cached)
+    agree = total = 0
+    largest_gap = 0.0
+    with torch.inference_mode():
+        for prompt, generated in sequences:
+            compiled_cache = lm.model.new_kv_cache(1, len(prompt) + len(generated))
+            eager_cache = lm.model.new_kv_cache(1, len(prompt) + len(generated))
+            logits = lm.model(torch.tensor([prompt]), kv_cache=compiled_cache, last_position_only=True)[:, -1]
+            lm.model(torch.tensor([prompt]), kv_cache=eager_cache, last_position_only=True)
+            for token in generated[:-1]:  # logits predict this token; then it is fed in
+                agree += int(logits.argmax(-1).item() == token)
+                total += 1
+                step = torch.tensor([[token]])
+                logits = lm.decode_step(step, compiled_cache)
+                eager = lm.model(step, kv_cache=eager_cache, last_position_only=True)[:, -1]
+                top = eager.topk(10, dim=-1).indices  # the shortlisted tokens, exact in both (see ShortlistHead)
+                gap = (logits.gather(-1, top) - eager.gather(-1, top)).abs().max() / eager.abs().max()
+                largest_gap = max(largest_gap, gap.item())
+            agree += int(logits.argmax(-1).item() == generated[-1])
+            total += 1
+    print(f"default path ({lm.mode}, compiled): {agree / total:.1%} of {total} steps = fp32; "
+          f"top-10 logits compiled − eager: up to {largest_gap:.2%} of the largest")
+    assert agree / total >= 0.99
+    assert largest_gap < fast.MAX_COMPILED_DISAGREEMENT

@@ -263,12 +263,17 @@ def compiled_decode_step(model: Transformer, key: str, *, quiet: bool = False) -
 
     # Checked once, when built: a guard on the constants' mapping (inductor's business), which a package keeps.
     disagreement = _disagreement_with_eager(model, step) if built else 0.0
-    if disagreement > 1e-3:
+    if disagreement > MAX_COMPILED_DISAGREEMENT:
         package.unlink()
-        print(f"attnlab: the compiled decode step disagrees with the model (max |Δlogit| {disagreement:.2g}); "
-              f"decoding eagerly", file=sys.stderr)
+        print(f"attnlab: the compiled decode step disagrees with the model (top logits off by {disagreement:.1%} "
+              f"of the largest); decoding eagerly", file=sys.stderr)
         return eager_decode_step(model)
     return step
+
+
+# The compiled step rounds differently from the eager one (inductor fuses bf16 casts away): on SmolLM2 its top
+# logits differ by 0.2-1.5 % of the largest. A step built on wrong constants is off by its whole scale.
+MAX_COMPILED_DISAGREEMENT = 0.05
 
 
 def _package_constants(model: Transformer, names: list[str]) -> dict[str, torch.Tensor]:
@@ -284,7 +289,9 @@ def _package_constants(model: Transformer, names: list[str]) -> dict[str, torch.
 
 @torch.inference_mode()
 def _disagreement_with_eager(model: Transformer, step: DecodeStep) -> float:
-    """max |logit difference| between the step and the eager model after a 3-token context (~50 ms)."""
+    """max |logit difference| between the step and the eager model on the eager model's 10 top tokens after a
+    3-token context, relative to its largest logit (the top tokens: outside them the int4 head's shortlist may
+    differ, which moves a logit by int4's error)."""
     context = torch.tensor([[1, 2, 3]])
     caches = []
     for _ in range(2):
@@ -293,7 +300,9 @@ def _disagreement_with_eager(model: Transformer, step: DecodeStep) -> float:
         caches.append(cache)
     token = torch.tensor([[4]])
     expected = model(token, kv_cache=caches[0], last_position_only=True)[:, -1]
-    return (step(token, caches[1]) - expected).abs().max().item()
+    top = expected.topk(min(10, expected.shape[-1]), dim=-1).indices
+    gap = (step(token, caches[1]).gather(-1, top) - expected.gather(-1, top)).abs().max()
+    return (gap / expected.abs().max().clamp(min=1e-6)).item()
 
 
 def _build_package(model: Transformer, package: Path) -> None:
