@@ -312,21 +312,21 @@ def _build_package(model: Transformer, package: Path) -> None:
     example = (torch.zeros(1, 1, dtype=torch.long), cache.keys, cache.values, torch.empty(4))
     length = torch.export.Dim("length_plus_one", min=2, max=config.context_length)
     capacity = torch.export.Dim("capacity", min=2, max=config.context_length)
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notices, not the user's business
-        exported = torch.export.export(
-            DecodeGraph(model), example,
-            dynamic_shapes={"ids": None, "keys": {3: capacity}, "values": {3: capacity}, "positions": {0: length}})
     package.parent.mkdir(parents=True, exist_ok=True)
     partial = package.with_name(f".{package.name}.{os.getpid()}.tmp.pt2")
-    try:
-        # No weights in the package (the model lends its own at load) and no constants folded into new ones
-        # (they would be tensors the model does not have).
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs={
-            "aot_inductor.package_constants_in_so": False, "joint_graph_constant_folding": False})
-        os.replace(partial, package)
-    finally:
-        partial.unlink(missing_ok=True)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notices, not the user's business
+        try:
+            exported = torch.export.export(
+                DecodeGraph(model), example,
+                dynamic_shapes={"ids": None, "keys": {3: capacity}, "values": {3: capacity}, "positions": {0: length}})
+            # No weights in the package (the model lends its own at load) and no constants folded into new ones
+            # (they would be tensors the model does not have).
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs={
+                "aot_inductor.package_constants_in_so": False, "joint_graph_constant_folding": False})
+            os.replace(partial, package)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def _machine_key() -> str:
