@@ -57,6 +57,24 @@ def test_loaded_matrices_are_input_major_and_saved_without_a_copy_at_load(tmp_pa
         attnlab.load(again)
 
 
+def test_prepared_model_is_cached_per_cpu_instruction_set(tmp_path, monkeypatch):
+    """A quantised load caches its prepared model; a machine with other instructions (another int4 packing
+    layout) never reads that file: it prepares its own."""
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "cache"))
+    tokenizer = CharTokenizer.from_text("hello world")
+    config, model = _tiny(tokenizer.vocab_size)
+    folder = save_checkpoint(tmp_path / "run", config, model.state_dict(), tokenizer)
+    ids = torch.tensor([tokenizer.encode("hello")])
+    first = attnlab.load(folder, mode="int8", compile=False).logits(ids)
+    prepared = tmp_path / "cache" / "prepared"
+    assert len(list(prepared.glob("*.pt"))) == 1
+    assert torch.equal(attnlab.load(folder, mode="int8", compile=False).logits(ids), first)  # read back
+    assert len(list(prepared.glob("*.pt"))) == 1
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    attnlab.load(folder, mode="int8", compile=False)
+    assert len(list(prepared.glob("*.pt"))) == 2
+
+
 def test_checkpoint_manifest_errors_name_the_field(tmp_path):
     config, model = _tiny()
     folder = save_checkpoint(tmp_path / "run", config, model.state_dict(), CharTokenizer.from_text("abcdefghijkl"))

@@ -237,7 +237,7 @@ def compiled_decode_step(model: Transformer, key: str, *, quiet: bool = False) -
     re-traces the model at every start (tens of seconds on a small CPU); a compiled package loads in a
     second or two. The KV cache is written in place (``KVCache.update`` says how that is made possible).
     """
-    package = cache_dir() / "compiled" / f"{key}-{source_fingerprint()}-{_machine_key()}.pt2"  # stale ones never run
+    package = cache_dir() / "compiled" / f"{key}-{source_fingerprint()}-{machine_key()}.pt2"  # stale ones never run
     built = not package.is_file()
     if built:
         if not quiet:
@@ -329,7 +329,8 @@ def _build_package(model: Transformer, package: Path) -> None:
             partial.unlink(missing_ok=True)
 
 
-def _machine_key() -> str:
-    """Compiled kernels are specific to the torch version and the CPU's instruction set."""
+def machine_key() -> str:
+    """What prepared weights and compiled kernels are specific to: the torch version and the CPU's instruction
+    set (torch packs int4 weights in one layout for AVX-512 and another for AVX2)."""
     text = f"{torch.__version__}|{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}"
     return hashlib.sha256(text.encode()).hexdigest()[:12]

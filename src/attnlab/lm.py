@@ -287,7 +287,7 @@ def _load_checkpoint_folder(folder: Path, name: str, source: str, mode: str, com
     weights = folder / "model.safetensors"
     stat = weights.stat() if weights.exists() else None
     key = hashlib.sha256(f"{folder.resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}|"
-                         f"{resolved}|{PREPARED_FORMAT}|{torch.__version__}".encode()).hexdigest()[:24]
+                         f"{resolved}|{PREPARED_FORMAT}|{fast.machine_key()}".encode()).hexdigest()[:24]
     prepared = cache_dir() / "prepared" / f"{key}-{fast.source_fingerprint()}.pt"
     if resolved != "fp32" and use_cache and prepared.is_file():
         lm = LanguageModel(fast.load_prepared(prepared), tokenizer, name, mode=resolved)
