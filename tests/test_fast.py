@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from attnlab import fast
-from attnlab.compress.quantize import Bf16Linear, Int4Linear, Int8Linear, ShortlistHead, int4_groups, int4_supported
+from attnlab.compress.quantize import (
+    INT4_DENSE_ROWS,
+    Bf16Linear,
+    Int4Linear,
+    Int8Linear,
+    ShortlistHead,
+    int4_groups,
+    int4_supported,
+)
 from attnlab.config import ModelConfig
 from attnlab.errors import InputError
 from attnlab.generate import generate_token_ids
@@ -51,6 +59,32 @@ def test_int4_linear_reproduces_q4_1_blocks_exactly():
     identity = torch.eye(96)
     recovered = layer(identity).T  # row n of Ŵ, through the packed kernel
     assert torch.allclose(recovered, weight, atol=2e-2 * weight.abs().max())
+
+
+def test_int4_many_rows_dequantise_once_and_agree_with_the_kernel(monkeypatch):
+    """A prompt's worth of rows goes through Ŵ dequantised to bf16 (one dense matmul), fewer through the packed
+    kernel; both compute x·Ŵᵀ for the same Ŵ = s·(q − 8) + z, to bf16 rounding."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(80, 96), torch.randn(80)
+    layer = Int4Linear(weight, bias)
+    q, scales, zeros = int4_groups(weight, 32)
+    scales, zeros = scales.to(torch.bfloat16).float(), zeros.to(torch.bfloat16).float()  # as stored
+    exact = ((q.reshape(80, 3, 32) - 8) * scales[..., None] + zeros[..., None]).reshape(80, 96)
+    assert layer.weight_nibbles.shape == (80, 3, 16) and layer.weight_nibbles.dtype == torch.uint8  # ½ byte each
+    assert torch.allclose(layer.dequantised().float(), exact, rtol=2 ** -8, atol=0)  # one bf16 rounding
+
+    x = torch.randn(INT4_DENSE_ROWS, 96)
+    expected = x.to(torch.bfloat16).float() @ exact.T + bias
+    used = []
+    for path in ("multiply_packed", "multiply_dense"):
+        original = getattr(Int4Linear, path)
+        monkeypatch.setattr(Int4Linear, path, lambda self, rows, _f=original, _p=path: used.append(_p) or _f(self, rows))
+    many, few = layer(x), layer(x[:INT4_DENSE_ROWS - 1])
+    assert used == ["multiply_dense", "multiply_packed"]
+    for got, want in ((many, expected), (few, expected[:INT4_DENSE_ROWS - 1])):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() / want.norm() < 5e-3  # bf16 rounding of Ŵ (dense) or of the output
+    assert (many[:INT4_DENSE_ROWS - 1] - few).norm() / few.norm() < 5e-3
 
 
 def test_int4_shape_rule_and_refusal():

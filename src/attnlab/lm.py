@@ -27,7 +27,7 @@ from attnlab.weights.huggingface import load_hf_folder
 from attnlab.weights.registry import DEFAULT_MODEL, NAMED_MODELS, resolve_named_model
 
 CONVERTED_FORMAT = "2"  # bump when the GGUF conversion changes, so stale caches are not reused
-PREPARED_FORMAT = "3"  # bump when attnlab.fast changes how a prepared (quantised) model is stored
+PREPARED_FORMAT = "4"  # bump when attnlab.fast changes how a prepared (quantised) model is stored
 MAX_INSPECT_TOKENS = 1024  # SmolLM2: 30 layers × 9 heads × 1024² fp32 = 1.1 GB of attention maps
 
 
