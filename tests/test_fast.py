@@ -76,9 +76,13 @@ def test_int4_many_rows_dequantise_once_and_agree_with_the_kernel(monkeypatch):
     x = torch.randn(INT4_DENSE_ROWS, 96)
     expected = x.to(torch.bfloat16).float() @ exact.T + bias
     used = []
-    for path in ("multiply_packed", "multiply_dense"):
+
+    def recorded(path):
         original = getattr(Int4Linear, path)
-        monkeypatch.setattr(Int4Linear, path, lambda self, rows, _f=original, _p=path: used.append(_p) or _f(self, rows))
+        return lambda self, rows: used.append(path) or original(self, rows)
+
+    for path in ("multiply_packed", "multiply_dense"):
+        monkeypatch.setattr(Int4Linear, path, recorded(path))
     many, few = layer(x), layer(x[:INT4_DENSE_ROWS - 1])
     assert used == ["multiply_dense", "multiply_packed"]
     for got, want in ((many, expected), (few, expected[:INT4_DENSE_ROWS - 1])):
