@@ -3,9 +3,10 @@
 ``Int4Linear`` multiplies few rows (decoding) with torch's packed int4 kernel and many rows (a prompt, an
 evaluation window) by dequantising its matrix to bf16 once and calling one dense matmul, from
 ``INT4_DENSE_ROWS`` rows on. This script measures both paths on the int4 model's own matrices (one of each
-shape: fused Q/K/V, W_O, fused gate/up, W_down, and the LM head's first pass) for rows 1 … 1024, in
-alternating order, ``--repeats`` rounds, medians; the last columns say which path is faster, which the
-threshold picked and whether the two agree (max |Δ| relative to the largest output).
+shape: fused Q/K/V, W_O, fused gate/up, W_down; the LM head's first pass keeps no dense copy, as generation
+multiplies it by one row per step) for rows 1 … 1024, in alternating order, ``--repeats`` rounds, medians;
+the last columns say which path is faster, which the threshold picked and whether the two agree (max |Δ|
+relative to the largest output).
 
     .venv/bin/python bench/int4_rows.py                       # smollm2, 2 threads, 5 rounds
     .venv/bin/python bench/int4_rows.py --rows 64 128 256 512 --repeats 9
@@ -43,7 +44,7 @@ def main() -> None:
     lm = attnlab.load(args.model, mode="int4")
     layers: dict[tuple[int, int], Int4Linear] = {}
     for module in lm.model.modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, Int4Linear) and module.weight_nibbles is not None:
             layers.setdefault((module.out_features, module.in_features), module)
     if not layers:
         raise SystemExit(f"bench/int4_rows.py: {args.model} has no int4 matrices on this machine (mode {lm.mode})")

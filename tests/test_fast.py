@@ -90,6 +90,12 @@ def test_int4_many_rows_dequantise_once_and_agree_with_the_kernel(monkeypatch):
         assert (got - want).norm() / want.norm() < 5e-3  # bf16 rounding of Ŵ (dense) or of the output
     assert (many[:INT4_DENSE_ROWS - 1] - few).norm() / few.norm() < 5e-3
 
+    used.clear()
+    kernel_only = Int4Linear(weight, bias, dense_copy=False)  # the LM head's first pass: no nibbles kept
+    assert kernel_only.weight_nibbles is None
+    assert torch.equal(kernel_only(x), layer.multiply_packed(x.to(torch.bfloat16)).float() + bias)
+    assert used == ["multiply_packed", "multiply_packed"]
+
 
 def test_int4_shape_rule_and_refusal():
     assert int4_supported(576, 576) and int4_supported(192, 1536)

@@ -85,11 +85,12 @@ class Int4Linear(nn.Module):
 
     q is stored twice, 4 bits each: in the layout of torch's packed int4 CPU kernel, which multiplies a few
     rows (decoding), and as plain nibbles, from which many rows (a prompt) get Ŵ in bf16 once and one dense
-    matmul (see the module docstring). The second copy costs half a byte per weight.
+    matmul (see the module docstring). The second copy costs half a byte per weight; ``dense_copy=False``
+    leaves it out (a matrix that only ever sees a few rows), and every product goes through the kernel.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 group_size: int = INT4_GROUP_SIZE) -> None:
+                 group_size: int = INT4_GROUP_SIZE, *, dense_copy: bool = True) -> None:
         super().__init__()
         n, k = weight.shape
         if not int4_supported(n, k, group_size):
@@ -103,7 +104,8 @@ class Int4Linear(nn.Module):
         # (N, K / G, G / 2) bytes: byte j of a group holds its inputs j (low nibble) and G/2 + j (high nibble)
         groups = q.reshape(n, k // group_size, group_size).to(torch.uint8)
         half = group_size // 2
-        self.register_buffer("weight_nibbles", (groups[..., :half] | groups[..., half:] << 4).contiguous())
+        nibbles = (groups[..., :half] | groups[..., half:] << 4).contiguous() if dense_copy else None
+        self.register_buffer("weight_nibbles", nibbles)
         self.bias = _frozen(bias)
 
     def dequantised(self) -> torch.Tensor:
@@ -129,7 +131,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        multiply = self.multiply_dense if rows.shape[0] >= INT4_DENSE_ROWS else self.multiply_packed
+        many = self.weight_nibbles is not None and rows.shape[0] >= INT4_DENSE_ROWS
+        multiply = self.multiply_dense if many else self.multiply_packed
         y = multiply(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -189,7 +192,8 @@ class ShortlistHead(nn.Module):
         self.group_size, self.shortlist = group_size, shortlist
         self.register_buffer("rows_int8", q)
         self.register_buffer("row_scales", scales)
-        self.first_pass = Int4Linear(weight)
+        # Generation multiplies the head by one row per step (the last position's): no dense copy (−½ byte/weight)
+        self.first_pass = Int4Linear(weight, dense_copy=False)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Ŵ[ids] (…, K) in fp32: the embedding lookup, and the rows the second pass re-scores with."""
