@@ -1,5 +1,6 @@
 """Inference modes (attnlab.fast, compress/quantize.py): quantised matrices, fusion, caching, compiled decode."""
 
+import os
 import warnings
 
 import pytest
@@ -188,12 +189,18 @@ def test_compiled_decode_step_matches_eager_and_is_built_once(tmp_path, monkeypa
     model = fast.prepare(tiny_llama(), "int4")
     prompt = [3, 14, 15, 92, 65]
     expected = list(generate_token_ids(model, prompt, max_new_tokens=12))
+    (tmp_path / "compiled").mkdir()
+    for age, name in enumerate(("tiny-old-build.pt2", "tiny-older-build.pt2", "other-old-build.pt2")):
+        (tmp_path / "compiled" / name).write_bytes(b"a package of an earlier attnlab")
+        os.utime(tmp_path / "compiled" / name, (1000 - age, 1000 - age))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step = fast.compiled_decode_step(model, "tiny", quiet=True)
     assert not [w for w in caught if issubclass(w.category, FutureWarning)]  # torch's notices stay inside the build
     assert list(generate_token_ids(model, prompt, max_new_tokens=12, decode_step=step)) == expected
-    assert len(list((tmp_path / "compiled").glob("tiny-*.pt2"))) == 1
+    # the new build and the most recent earlier one of the same key are kept; other keys are not touched
+    kept = sorted(path.name for path in (tmp_path / "compiled").glob("*.pt2"))
+    assert len(kept) == 3 and "tiny-old-build.pt2" in kept and "other-old-build.pt2" in kept
 
     def no_rebuild(*args):
         raise AssertionError("the cached package was rebuilt")

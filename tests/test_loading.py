@@ -1,6 +1,7 @@
 """attnlab.load on every kind of source; checkpoint round trips; registry errors; bad weights."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import save_file
 from tiny_models import tiny_hf_model
 
 import attnlab
+from attnlab import fast
 from attnlab.config import ModelConfig
 from attnlab.errors import ModelNotFoundError, WeightsFormatError
 from attnlab.model import Transformer
@@ -73,6 +75,35 @@ def test_prepared_model_is_cached_per_cpu_instruction_set(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     attnlab.load(folder, mode="int8", compile=False)
     assert len(list(prepared.glob("*.pt"))) == 2
+
+
+def test_older_prepared_builds_are_pruned_and_a_used_one_is_kept(tmp_path, monkeypatch):
+    """Each attnlab source writes its own prepared file (no version reads another's); a new one deletes all but
+    the most recently used builds of the same model and mode; other modes' builds are untouched."""
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "cache"))
+    tokenizer = CharTokenizer.from_text("hello world")
+    config, model = _tiny(tokenizer.vocab_size)
+    folder = save_checkpoint(tmp_path / "run", config, model.state_dict(), tokenizer)
+    prepared = tmp_path / "cache" / "prepared"
+
+    def load_as(source: str) -> None:
+        monkeypatch.setattr(fast, "source_fingerprint", lambda: source)
+        attnlab.load(folder, mode="int8", compile=False)
+
+    def kept() -> list[str]:  # "{key}-{mode}-{format}-{source}-{machine}.pt"
+        return sorted(path.name.split("-")[3] for path in prepared.glob("*-int8-*.pt"))
+
+    attnlab.load(folder, mode="bf16", compile=False)
+    for source in ("v1", "v2", "v3"):
+        load_as(source)
+    assert kept() == ["v2", "v3"]
+    os.utime(next(prepared.glob("*-int8-*-v2-*.pt")), (1, 1))
+    os.utime(next(prepared.glob("*-int8-*-v3-*.pt")), (2, 2))
+    load_as("v2")  # reads v2 back: now the most recently used of the two
+    assert kept() == ["v2", "v3"]
+    load_as("v4")
+    assert kept() == ["v2", "v4"]
+    assert len(list(prepared.glob("*-bf16-*.pt"))) == 1
 
 
 def test_checkpoint_manifest_errors_name_the_field(tmp_path):

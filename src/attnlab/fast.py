@@ -42,7 +42,7 @@ from attnlab.generate import DecodeStep
 from attnlab.kv_cache import KVCache
 from attnlab.layers import GatedMLP
 from attnlab.model import Transformer
-from attnlab.paths import cache_dir
+from attnlab.paths import cache_dir, mark_used, prune_older_builds
 
 MODES = ("fp32", "bf16", "int8", "int4")
 AUTO_MIN_PARAMETERS = 20_000_000  # below this, decoding is bound by op overheads, not by weight bytes
@@ -237,7 +237,8 @@ def compiled_decode_step(model: Transformer, key: str, *, quiet: bool = False) -
     re-traces the model at every start (tens of seconds on a small CPU); a compiled package loads in a
     second or two. The KV cache is written in place (``KVCache.update`` says how that is made possible).
     """
-    package = cache_dir() / "compiled" / f"{key}-{source_fingerprint()}-{machine_key()}.pt2"  # stale ones never run
+    # key names the model and mode; a package built by another source, torch or CPU never runs, and is pruned
+    package = cache_dir() / "compiled" / f"{key}-{source_fingerprint()}-{machine_key()}.pt2"
     built = not package.is_file()
     if built:
         if not quiet:
@@ -247,6 +248,9 @@ def compiled_decode_step(model: Transformer, key: str, *, quiet: bool = False) -
         _build_package(model, package)
         if not quiet:
             print(f"attnlab: compiled in {time.perf_counter() - start:.0f} s → {package}", file=sys.stderr)
+        prune_older_builds(package.parent, f"{key}-", ".pt2")
+    else:
+        mark_used(package)
     # The package's loader itself, not ``torch._inductor.aoti_load_package``: that first re-checks the CPU's
     # instruction sets by compiling test programs (2 s at every start; the package's name already carries the
     # machine), and its wrapper re-parses the call spec at every call. The step's inputs and output are flat.

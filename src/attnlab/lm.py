@@ -19,7 +19,7 @@ from attnlab.errors import AttnlabError, InputError, ModelNotFoundError
 from attnlab.generate import DecodeStep, SamplingConfig, generate_batch_steps, generate_token_ids, stream_text
 from attnlab.inspect.attention_map import AttentionMap, group_words
 from attnlab.model import Transformer
-from attnlab.paths import cache_dir
+from attnlab.paths import cache_dir, mark_used, prune_older_builds
 from attnlab.tokenizer import HFTokenizer, Tokenizer, tokenizer_from_gguf, tokenizer_from_spec
 from attnlab.weights import build_model
 from attnlab.weights.checkpoint import is_checkpoint, load_checkpoint, read_manifest, save_checkpoint
@@ -286,17 +286,23 @@ def _load_checkpoint_folder(folder: Path, name: str, source: str, mode: str, com
     resolved = fast.resolve_mode(mode, config)
     weights = folder / "model.safetensors"
     stat = weights.stat() if weights.exists() else None
-    key = hashlib.sha256(f"{folder.resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}|"
-                         f"{resolved}|{PREPARED_FORMAT}|{fast.machine_key()}".encode()).hexdigest()[:24]
-    prepared = cache_dir() / "prepared" / f"{key}-{fast.source_fingerprint()}.pt"
+    key = hashlib.sha256(f"{folder.resolve()}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
+    key = key.hexdigest()[:24]
+    # Builds of this model in this mode (prepared weights here, a compiled step in attnlab.fast) are named
+    # "{key}-{mode}-…" followed by what else they depend on; the older ones are pruned when a new one is written.
+    build = f"{key}-{resolved}"
+    prepared = (cache_dir() / "prepared" /
+                f"{build}-{PREPARED_FORMAT}-{fast.source_fingerprint()}-{fast.machine_key()}.pt")
     if resolved != "fp32" and use_cache and prepared.is_file():
         lm = LanguageModel(fast.load_prepared(prepared), tokenizer, name, mode=resolved)
+        mark_used(prepared)
         return _with_mode(lm, resolved, compile, cache_key=key)
     config, state, _ = load_checkpoint(folder)
     lm = _with_mode(LanguageModel(build_model(config, state, source), tokenizer, name), resolved, compile, key)
     if resolved != "fp32" and use_cache:
         try:
             fast.save_prepared(lm.model, prepared)
+            prune_older_builds(prepared.parent, f"{build}-", ".pt")
         except OSError as error:
             print(f"attnlab: could not cache the {resolved} model in {prepared} ({error}); continuing",
                   file=sys.stderr)

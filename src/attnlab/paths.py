@@ -1,4 +1,5 @@
-"""Where attnlab keeps files it builds once and reuses (assembled GGUF files, derived tokenizers)."""
+"""Where attnlab keeps files it builds once and reuses (assembled GGUF files, derived tokenizers, prepared models,
+compiled decode steps), and how it keeps their number bounded."""
 
 import os
 import tempfile
@@ -14,6 +15,36 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# Builds of one model and mode kept side by side: more than one, so that two installs sharing a cache (two virtual
+# environments, machines with a shared home folder) do not delete each other's at every start.
+KEPT_BUILDS = 2
+
+
+def prune_older_builds(directory: Path, prefix: str, suffix: str, keep: int = KEPT_BUILDS) -> None:
+    """Delete all but the ``keep`` most recently used files ``{prefix}*{suffix}`` in ``directory``.
+
+    Why: a prepared model or a compiled decode step is named after what it depends on (attnlab's source, torch,
+    the CPU), so every upgrade builds a new one (100-300 MB for SmolLM2) that no later version reads, and that
+    nothing else would ever delete. "Used" is the file's mtime, which a load refreshes (:func:`mark_used`).
+    """
+    def last_used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # deleted meanwhile by another process pruning the same builds
+            return float("-inf")
+
+    for old in sorted(directory.glob(f"{prefix}*{suffix}"), key=last_used, reverse=True)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def mark_used(path: Path) -> None:
+    """Refresh a cached build's mtime, so that :func:`prune_older_builds` keeps what is in use."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache: nothing is pruned there either
+        pass
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
