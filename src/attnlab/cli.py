@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="greedy tokens per timed generation and agreement check (default: 128)")
     bench.add_argument("--threads", type=_positive_int, default=2, metavar="N",
                        help="threads for every system (default: 2)")
+    bench.add_argument("--batch-sizes", default="1,4,8", metavar="B,B,…|none",
+                       help="the default mode's generation tokens/s at these batch sizes, after the batch-1 "
+                            "timings (default: 1,4,8)")
     bench.add_argument("--json", metavar="FILE", help="also write every measurement here (written at the end)")
     bench.set_defaults(handler=cmd_bench)
     return parser
@@ -898,7 +901,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     options = BenchOptions(model=args.model, modes=args.modes, peers=args.peers, repeats=args.repeats,
                            prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
-                           json=args.json)
+                           json=args.json, batch_sizes=args.batch_sizes)
     results = run_bench(options)
     render(results, Console())
     if args.json:

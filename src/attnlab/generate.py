@@ -193,7 +193,8 @@ def generate_batch_steps(model: Transformer, prompts: Sequence[Sequence[int]], *
 
 def generate_batch_token_ids(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                              sampling: SamplingConfig = SamplingConfig(),
-                             stop_ids: frozenset[int] = frozenset()) -> list[list[int]]:
+                             stop_ids: frozenset[int] = frozenset(),
+                             decode_step: DecodeStep | None = None) -> list[list[int]]:
     """The new token ids of each prompt, decoded together (see :func:`generate_batch_steps`).
 
     Row i equals ``list(generate_token_ids(model, prompts[i], ...))`` (its stop id included), with
@@ -201,7 +202,7 @@ def generate_batch_token_ids(model: Transformer, prompts: Sequence[Sequence[int]
     """
     generated: list[list[int]] = [[] for _ in prompts]
     for step in generate_batch_steps(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                                     stop_ids=stop_ids):
+                                     stop_ids=stop_ids, decode_step=decode_step):
         for row, token in enumerate(step.tokens):
             if token is not None:
                 generated[row].append(token)

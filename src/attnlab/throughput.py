@@ -33,7 +33,8 @@ def batch_throughput(lm, batch_sizes: Sequence[int] = (1, 2, 4, 8), new_tokens: 
 
     The work is the same at every size: the prompts (repeated to the largest batch size if there are
     fewer) decoded in consecutive batches of that size, ``new_tokens`` each with no stop id (every
-    row runs to the end), timed whole, prefill included. Each repeat runs every size once, in
+    row runs to the end), timed whole, prefill included, through the product's loop with ``lm``'s own
+    decode step (a compiled one, in the quantised modes, decodes batches of one). Each repeat runs every size once, in
     alternating order (1 2 4 8, then 8 4 2 1, …) so that a machine's drift touches all sizes alike;
     figures are medians over repeats. After one untimed warm-up per size.
 
@@ -56,11 +57,12 @@ def batch_throughput(lm, batch_sizes: Sequence[int] = (1, 2, 4, 8), new_tokens: 
         outputs: list[list[int]] = []
         start = time.perf_counter()
         for first in range(0, len(workload), size):
-            outputs += generate_batch_token_ids(lm.model, workload[first:first + size], max_new_tokens=tokens)
+            outputs += generate_batch_token_ids(lm.model, workload[first:first + size], max_new_tokens=tokens,
+                                                decode_step=lm.decode_step)
         return time.perf_counter() - start, outputs
 
     for size in sizes:  # warm-up: allocator, kernels, the first pass over the weights
-        generate_batch_token_ids(lm.model, workload[:size], max_new_tokens=2)
+        generate_batch_token_ids(lm.model, workload[:size], max_new_tokens=2, decode_step=lm.decode_step)
     seconds: dict[int, list[float]] = {size: [] for size in sizes}
     outputs: dict[int, list[list[int]]] = {}
     for repeat in range(repeats):

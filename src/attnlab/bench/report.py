@@ -189,8 +189,12 @@ def render(results: dict[str, Any], console: Any = None) -> None:
             targets.add_row(row["label"], row["bar"], *cells, verdict_cell(verdict))
         console.print(targets)
 
-    if results.get("batch"):  # batch throughput rows, once something measures them
-        render_rows(console, "batch throughput", results["batch"])
+    if results.get("batch"):  # the default mode's throughput against batch size
+        settings = results["settings"]
+        rows = results["batch"]
+        render_rows(console, f"batch throughput, {rows[0]['system']}: {rows[0]['sequences']} prompts of 4-18 tokens "
+                             f"(left-padded) × {settings['new_tokens']} greedy tokens, in batches of each size, "
+                             f"prefill included, median of {settings['repeats']}", rows)
 
     for line in notes(results):
         console.print(line)

@@ -50,6 +50,7 @@ class BenchOptions:
     new_tokens: int = 128
     threads: int = 2
     json: str | None = None
+    batch_sizes: str = "1,4,8"  # batch throughput of the default mode ("none": not measured)
 
 
 @dataclass
@@ -103,6 +104,16 @@ def parse_peers(text: str) -> list[str]:
     return parse_choices(text, PEERS, "peer", aliases=PEER_ALIASES, allow_none=True)
 
 
+def parse_batch_sizes(text: str) -> list[int]:
+    """``none`` or a comma list of positive integers (the batch sizes) → sorted, without repeats."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if [part.lower() for part in parts] == ["none"]:
+        return []
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise InputError(f"--batch-sizes {text!r}: expected a comma list of positive integers (1,4,8) or none")
+    return sorted({int(part) for part in parts})
+
+
 def check_numbers(options: BenchOptions) -> None:
     for name, value, least in (("--repeats", options.repeats, 1), ("--prompt-tokens", options.prompt_tokens, 1),
                                ("--threads", options.threads, 1), ("--new-tokens", options.new_tokens, 2)):
@@ -150,6 +161,7 @@ def plan_bench(options: BenchOptions) -> Plan:
     from attnlab import fast
 
     check_numbers(options)
+    parse_batch_sizes(options.batch_sizes)
     modes = parse_modes(options.modes, mode_names())
     peers = parse_peers(options.peers)
     if options.json is not None and Path(options.json).is_dir():
@@ -225,6 +237,14 @@ class Worker:
         """The worker's greedy token after each prefix of ``tokens`` following the named prompt (attnlab only)."""
         self.send({"teacher_forced": prompt, "tokens": list(tokens)})
         return self.receive()["predicted"]
+
+    def batch(self, sizes: Sequence[int], new_tokens: int, repeats: int) -> list[dict[str, Any]]:
+        """Generation throughput at each batch size (``attnlab.throughput.batch_throughput``; attnlab only)."""
+        self.send({"batch": list(sizes), "new_tokens": new_tokens, "repeats": repeats})
+        answer = self.receive()
+        if "unavailable" in answer:
+            raise BenchError(answer["unavailable"])
+        return answer["rows"]
 
     def finish(self) -> dict[str, Any]:
         """Tell the worker to stop; its final message (peak RSS)."""
@@ -445,8 +465,10 @@ def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def measure_all(started: Started, options: BenchOptions, say: Say) -> tuple[dict[str, dict[str, Any]], float | None]:
-    """Time every started system; their results, and how many CPUs other processes kept busy meanwhile."""
+def measure_all(started: Started, options: BenchOptions,
+                say: Say) -> tuple[dict[str, dict[str, Any]], float | None, list[dict[str, Any]] | None]:
+    """Time every started system; their results, how many CPUs other processes kept busy meanwhile, and the
+    default mode's batch throughput rows."""
     workers = started.workers
     busy_before, start = cpu_jiffies(), time.perf_counter()
     ours_before = sum(worker.cpu_seconds() for worker in workers.values()) + sum(os.times()[:2])
@@ -457,6 +479,7 @@ def measure_all(started: Started, options: BenchOptions, say: Say) -> tuple[dict
             if label.startswith("attnlab") and label != REFERENCE:
                 predicted = {prompt: worker.teacher_forced(prompt, reference[prompt]) for prompt in ("short", "long")}
                 measured[label]["teacher_forced"] = agreements(predicted, reference)
+    batch = measure_batches(started, options, say)
     ours_after = sum(worker.cpu_seconds() for worker in workers.values()) + sum(os.times()[:2])
     busy_after, wall = cpu_jiffies(), time.perf_counter() - start
     others = None
@@ -464,7 +487,28 @@ def measure_all(started: Started, options: BenchOptions, say: Say) -> tuple[dict
         machine_s = (busy_after - busy_before) / os.sysconf("SC_CLK_TCK")
         others = max(machine_s - (ours_after - ours_before), 0.0) / wall
     finals = {label: worker.finish() for label, worker in workers.items()}
-    return {label: {**started.ready[label], **measured[label], **finals[label]} for label in workers}, others
+    return {label: {**started.ready[label], **measured[label], **finals[label]} for label in workers}, others, batch
+
+
+def measure_batches(started: Started, options: BenchOptions, say: Say) -> list[dict[str, Any]] | None:
+    """The default mode's generation throughput against batch size (after every batch-1 measurement, so that a
+    batch's larger KV cache is no part of the peak RSS the table reports); None when not asked for."""
+    sizes = parse_batch_sizes(options.batch_sizes)
+    label = f"attnlab {started.default_mode}"
+    if not sizes or label not in started.workers:
+        return None
+    say(f"bench: batch throughput of {label}: batch sizes {', '.join(map(str, sizes))}, "
+        f"{options.new_tokens} greedy tokens per prompt, {options.repeats} round(s)…")
+    try:
+        rows = started.workers[label].batch(sizes, options.new_tokens, options.repeats)
+    except BenchError as error:
+        started.notes.append(f"batch throughput: not measured ({error})")
+        return None
+    return [{"system": label, "batch size": row["batch_size"], "sequences": row["sequences"],
+             "seconds": row["seconds"], "tokens/s": row["tokens_per_s"],
+             "tokens/s per sequence": row["per_sequence_tokens_per_s"],
+             f"vs batch {row['baseline_batch_size']}": row["ratio"],
+             "same tokens": "yes" if row["same_tokens_as_baseline"] else "NO"} for row in rows]
 
 
 def run_bench(options: BenchOptions, say: Say | None = None) -> dict[str, Any]:
@@ -480,7 +524,7 @@ def run_bench(options: BenchOptions, say: Say | None = None) -> dict[str, Any]:
         f"then a warm-up and {options.repeats} timed round(s) rotating through them (several minutes)")
     started = start_workers(plan, say)
     try:
-        measured, others = measure_all(started, options, say)
+        measured, others, batch = measure_all(started, options, say)
     finally:
         started.kill_all()
 
@@ -519,11 +563,7 @@ def run_bench(options: BenchOptions, say: Say | None = None) -> dict[str, Any]:
         "unavailable": {f"attnlab {mode}": reason for mode, reason in started.unavailable.items()},
         "skipped": plan.skipped,
         "notes": started.notes,
-        # ------------------------------------------------------------------ batch throughput (a later item)
-        # Rows from batch_throughput(lm, batch_sizes, new_tokens, repeats), when it exists, go here as a list
-        # of flat dicts ({"system", "batch_size", "tokens_per_s", ...}); report.render prints them as their
-        # own table. Nothing measures them yet.
-        "batch": None,
+        "batch": batch,  # the default mode's throughput against batch size (measure_batches), or None
     }
     results["targets"] = evaluate_targets(results)
     if options.json:

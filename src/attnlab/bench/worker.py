@@ -142,6 +142,7 @@ def load_attnlab(args: argparse.Namespace, prompts: dict[str, list[int]] | None)
     import attnlab
     from attnlab.errors import AttnlabError, InputError, TokenizerError
     from attnlab.generate import generate_token_ids
+    from attnlab.throughput import batch_throughput
 
     torch.set_num_threads(args.threads)
     before = cache_snapshot()
@@ -190,10 +191,18 @@ def load_attnlab(args: argparse.Namespace, prompts: dict[str, list[int]] | None)
             logits = model(torch.tensor([list(prompt) + list(tokens[:-1])]))[0, len(prompt) - 1:]
         return logits.argmax(-1).tolist()
 
+    def batch(sizes: Sequence[int], new_tokens: int, repeats: int) -> dict[str, Any]:
+        """{"rows": throughput at each batch size} or {"unavailable": why} (prompts beyond a small context…)."""
+        try:
+            return {"rows": batch_throughput(lm, sizes, new_tokens, repeats)}
+        except AttnlabError as error:
+            return {"unavailable": str(error)}
+
     info = {"load_s": load_s, "mode": lm.mode, "asked_mode": args.mode,
             "built_on_load": built, "load_messages": load_messages, "version": attnlab.__version__,
             "torch_version": torch.__version__, "threads": torch.get_num_threads(), "prompts": prompts,
-            "short_prompt_chat": chat, "context_length": lm.config.context_length, "teacher_forced": teacher_forced}
+            "short_prompt_chat": chat, "context_length": lm.config.context_length, "teacher_forced": teacher_forced,
+            "batch": batch}
     return run, info
 
 
@@ -306,6 +315,7 @@ def worker_main(argv: Sequence[str]) -> int:
         runner, info = LOADERS[args.worker](args, prompts)
         prompts = info.pop("prompts", prompts)
         teacher_forced = info.pop("teacher_forced", None)  # attnlab's workers only
+        batch = info.pop("batch", None)
         first, first_s, _ = runner(prompts["short"], 1)
         ttft_s = time.time() - args.spawn_time
     except Unavailable as reason:
@@ -325,6 +335,10 @@ def worker_main(argv: Sequence[str]) -> int:
             # a full-sequence pass with every position's logits is no part of generating: peak RSS is read before it
             peak_generating = peak_generating or peak_rss_mb()
             reply({"predicted": teacher_forced(prompts[request["teacher_forced"]], request["tokens"])})
+            continue
+        if "batch" in request:  # attnlab only: throughput against batch size, after the batch-1 figures (RSS too)
+            peak_generating = peak_generating or peak_rss_mb()
+            reply(batch(request["batch"], request["new_tokens"], request["repeats"]))
             continue
         tokens, first_s, last_s = runner(prompts[request["prompt"]], request["new_tokens"])
         reply({"first_s": first_s, "last_s": last_s, "tokens": tokens})
