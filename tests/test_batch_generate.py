@@ -200,7 +200,8 @@ def test_batch_throughput_rows_measure_the_same_work_at_every_size():
     lm = LanguageModel(Transformer(config).eval(), tokenizer, "tiny")
     rows = batch_throughput(lm, [4, 1, 2], new_tokens=5, repeats=2, prompts=["the cat", "a", "dogs run"])
     assert [row["batch_size"] for row in rows] == [1, 2, 4]
-    assert all(row["sequences"] == 4 and row["same_tokens_as_baseline"] for row in rows)  # 3 prompts cycled to 4
+    assert all(row["sequences"] == 4 and row["same_tokens_as_baseline"] and row["sequences_same_as_baseline"] == 4
+               for row in rows)  # 3 prompts cycled to 4
     assert rows[0]["ratio"] == 1.0 and rows[0]["baseline_batch_size"] == 1
     for row in rows:
         assert row["tokens_per_s"] == pytest.approx(4 * 5 / row["seconds"], rel=0.01)

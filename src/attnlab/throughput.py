@@ -41,7 +41,9 @@ def batch_throughput(lm, batch_sizes: Sequence[int] = (1, 2, 4, 8), new_tokens: 
     Keys: batch_size, sequences, new_tokens, seconds, tokens_per_s (all generated tokens / wall time),
     per_sequence_tokens_per_s (tokens_per_s / batch_size: the speed one sequence sees), ratio (tokens/s
     over the smallest batch size's, measured in the same repeat), baseline_batch_size, and
-    same_tokens_as_baseline (whether every sequence got the same greedy tokens as at the baseline size).
+    same_tokens_as_baseline (whether every sequence got the same greedy tokens as at the baseline size) and
+    sequences_same_as_baseline (how many did: in fp32 all; in the bf16-activation modes a padded batch's
+    attention sums in another order, and a near-tie can flip a greedy choice, which then changes the rest).
     """
     sizes = sorted(set(batch_sizes))
     if not sizes or sizes[0] < 1:
@@ -79,5 +81,7 @@ def batch_throughput(lm, batch_sizes: Sequence[int] = (1, 2, 4, 8), new_tokens: 
         rows.append({"batch_size": size, "sequences": len(workload), "new_tokens": new_tokens, "seconds": median,
                      "tokens_per_s": n_tokens / median, "per_sequence_tokens_per_s": n_tokens / median / size,
                      "ratio": ratio, "baseline_batch_size": baseline,
-                     "same_tokens_as_baseline": outputs[size] == outputs[baseline]})
+                     "same_tokens_as_baseline": outputs[size] == outputs[baseline],
+                     "sequences_same_as_baseline": sum(own == base for own, base in zip(outputs[size],
+                                                                                         outputs[baseline]))})
     return rows

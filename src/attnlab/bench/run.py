@@ -508,7 +508,8 @@ def measure_batches(started: Started, options: BenchOptions, say: Say) -> list[d
              "seconds": row["seconds"], "tokens/s": row["tokens_per_s"],
              "tokens/s per sequence": row["per_sequence_tokens_per_s"],
              f"vs batch {row['baseline_batch_size']}": row["ratio"],
-             "same tokens": "yes" if row["same_tokens_as_baseline"] else "NO"} for row in rows]
+             f"= batch {row['baseline_batch_size']} (sequences)":
+                 f"{row['sequences_same_as_baseline']} / {row['sequences']}"} for row in rows]
 
 
 def run_bench(options: BenchOptions, say: Say | None = None) -> dict[str, Any]:
