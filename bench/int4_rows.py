@@ -1,12 +1,12 @@
-"""int4 matmuls against the number of rows: torch's packed kernel or dequantise-once + dense bf16, one run.
+"""int4 matmuls against the number of rows: torch's packed kernel or dequantise-once + dense, one run.
 
 ``Int4Linear`` multiplies few rows (decoding) with torch's packed int4 kernel and many rows (a prompt, an
-evaluation window) by dequantising its matrix to bf16 once and calling one dense matmul, from
-``INT4_DENSE_ROWS`` rows on. This script measures both paths on the int4 model's own matrices (one of each
-shape: fused Q/K/V, W_O, fused gate/up, W_down; the LM head's first pass keeps no dense copy, as generation
-multiplies it by one row per step) for rows 1 … 1024, in alternating order, ``--repeats`` rounds, medians;
-the last columns say which path is faster, which the threshold picked and whether the two agree (max |Δ|
-relative to the largest output).
+evaluation window) by dequantising its matrix once and calling one dense matmul (bf16 or fp32, whichever
+``dense_matmul_dtype`` timed faster on this CPU), from ``INT4_DENSE_ROWS`` rows on. This script measures
+both paths on the int4 model's own matrices (one of each shape: fused Q/K/V, W_O, fused gate/up, W_down;
+the LM head's first pass keeps no dense copy, as generation multiplies it by one row per step) for rows
+1 … 1024, in alternating order, ``--repeats`` rounds, medians; the last columns say which path is faster,
+which the threshold picked and whether the two agree (max |Δ| relative to the largest output).
 
     .venv/bin/python bench/int4_rows.py                       # smollm2, 2 threads, 5 rounds
     .venv/bin/python bench/int4_rows.py --rows 64 128 256 512 --repeats 9
@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 import attnlab
-from attnlab.compress.quantize import INT4_DENSE_ROWS, Int4Linear
+from attnlab.compress.quantize import INT4_DENSE_ROWS, Int4Linear, dense_matmul_dtype
 
 
 def seconds_per_call(function, rows: torch.Tensor, calls: int) -> float:
@@ -51,7 +51,8 @@ def main() -> None:
 
     table = Table(title=f"{lm.name} int4 matrices: ms per call, median of {args.repeats}, "
                         f"{torch.get_num_threads()} threads (dense from {INT4_DENSE_ROWS} rows)")
-    for column in ("N × K", "rows", "packed kernel", "dequantise + dense", "faster", "used", "max |Δ|"):
+    dense = f"dequantise + dense {str(dense_matmul_dtype()).removeprefix('torch.')}"
+    for column in ("N × K", "rows", "packed kernel", dense, "faster", "used", "max |Δ|"):
         table.add_column(column, justify="right")
     load_before = os.getloadavg()[0]
     with torch.inference_mode():

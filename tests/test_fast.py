@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from attnlab import fast
+from attnlab.compress import quantize
 from attnlab.compress.quantize import (
     INT4_DENSE_ROWS,
     Bf16Linear,
@@ -62,9 +63,17 @@ def test_int4_linear_reproduces_q4_1_blocks_exactly():
     assert torch.allclose(recovered, weight, atol=2e-2 * weight.abs().max())
 
 
-def test_int4_many_rows_dequantise_once_and_agree_with_the_kernel(monkeypatch):
-    """A prompt's worth of rows goes through Ŵ dequantised to bf16 (one dense matmul), fewer through the packed
-    kernel; both compute x·Ŵᵀ for the same Ŵ = s·(q − 8) + z, to bf16 rounding."""
+def test_dense_matmul_dtype_is_measured_once_per_process():
+    assert quantize.dense_matmul_dtype() in (torch.bfloat16, torch.float32)
+    assert quantize.dense_matmul_dtype.cache_info().currsize == 1  # functools.cache: timed at the first call only
+
+
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32])
+def test_int4_many_rows_dequantise_once_and_agree_with_the_kernel(monkeypatch, dense_dtype):
+    """A prompt's worth of rows goes through Ŵ dequantised once (one dense matmul, in bf16 or fp32: whichever
+    dense_matmul_dtype measured faster), fewer through the packed kernel; both compute x·Ŵᵀ for the same
+    Ŵ = s·(q − 8) + z, to bf16 rounding."""
+    monkeypatch.setattr(quantize, "dense_matmul_dtype", lambda: dense_dtype)
     torch.manual_seed(0)
     weight, bias = torch.randn(80, 96), torch.randn(80)
     layer = Int4Linear(weight, bias)
@@ -73,6 +82,7 @@ def test_int4_many_rows_dequantise_once_and_agree_with_the_kernel(monkeypatch):
     exact = ((q.reshape(80, 3, 32) - 8) * scales[..., None] + zeros[..., None]).reshape(80, 96)
     assert layer.weight_nibbles.shape == (80, 3, 16) and layer.weight_nibbles.dtype == torch.uint8  # ½ byte each
     assert torch.allclose(layer.dequantised().float(), exact, rtol=2 ** -8, atol=0)  # one bf16 rounding
+    assert torch.allclose(layer.dequantised(torch.float32), exact, rtol=1e-6, atol=1e-6)
 
     x = torch.randn(INT4_DENSE_ROWS, 96)
     expected = x.to(torch.bfloat16).float() @ exact.T + bias

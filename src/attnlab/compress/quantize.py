@@ -16,8 +16,12 @@ weights dequantised from Q4_1 re-quantise to the same q (up to bf16 rounding of 
 Few rows (decoding) and many rows (a prompt, an evaluation window) want different int4 code: torch's
 kernel dequantises the matrix again for every 4 rows it multiplies, which is the fastest way to
 multiply one row but makes a 512-row prompt re-dequantise each matrix 128 times. From
-``INT4_DENSE_ROWS`` rows on, Int4Linear dequantises its matrix once to bf16 and multiplies densely.
+``INT4_DENSE_ROWS`` rows on, Int4Linear dequantises its matrix once and multiplies densely, in bf16 or fp32,
+whichever multiplies faster on this CPU (:func:`dense_matmul_dtype`).
 """
+
+import functools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +29,30 @@ from torch import nn
 
 INT4_GROUP_SIZE = 32  # GGUF Q4_1's block size: requantising a Q4_1 model reproduces its blocks
 INT4_INNER_K_TILES = 2  # packing layout of torch's CPU int4 kernel (must divide K / 16)
-# From this many rows on, dequantise once and multiply in bf16 rather than through the int4 kernel: SmolLM2's
-# matrices at 512 rows take 0.8-3.5 ms instead of 1.6-6.9 ms; at 128 rows the kernel is still faster.
+# From this many rows on, dequantise once and multiply densely rather than through the int4 kernel: SmolLM2's
+# matrices at 512 rows take 0.8-3.5 ms instead of 1.6-6.9 ms (AMD EPYC, bf16); at 128 rows the kernel is faster.
 INT4_DENSE_ROWS = 256
+
+
+@functools.cache
+def dense_matmul_dtype() -> torch.dtype:
+    """bf16 or fp32, whichever multiplies a prompt-sized product faster here, timed once per process (~30 ms).
+
+    Why measure: which one wins depends on the CPU, not on a flag torch reports. On an AMD EPYC (Zen 4) bf16
+    GEMMs ran ~2× faster than fp32; on an Intel Xeon with the same AVX-512 BF16 flag and no AMX they ran 2×
+    slower (SmolLM2's W_gate|W_up at 512 rows: 12.2 ms bf16, 6.0 ms fp32), which made int4 prompts half as fast.
+    """
+    rows, weight = torch.randn(INT4_DENSE_ROWS, 576), torch.randn(1536, 576)
+    seconds: dict[torch.dtype, list[float]] = {torch.bfloat16: [], torch.float32: []}
+    with torch.inference_mode():
+        for repeat in range(4):  # alternating, the first round a warm-up
+            for dtype in (torch.bfloat16, torch.float32) if repeat % 2 == 0 else (torch.float32, torch.bfloat16):
+                x, w = rows.to(dtype), weight.to(dtype)
+                start = time.perf_counter()
+                F.linear(x, w)
+                if repeat:
+                    seconds[dtype].append(time.perf_counter() - start)
+    return min(seconds, key=lambda dtype: sorted(seconds[dtype])[1])  # the median of three
 
 
 def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +109,7 @@ class Int4Linear(nn.Module):
     """y = x · Ŵᵀ + b with Ŵ = s·(q − 8) + z in groups of G inputs.
 
     q is stored twice, 4 bits each: in the layout of torch's packed int4 CPU kernel, which multiplies a few
-    rows (decoding), and as plain nibbles, from which many rows (a prompt) get Ŵ in bf16 once and one dense
+    rows (decoding), and as plain nibbles, from which many rows (a prompt) get Ŵ once and one dense
     matmul (see the module docstring). The second copy costs half a byte per weight; ``dense_copy=False``
     leaves it out (a matrix that only ever sees a few rows), and every product goes through the kernel.
     """
@@ -108,8 +133,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_nibbles", nibbles)
         self.bias = _frozen(bias)
 
-    def dequantised(self) -> torch.Tensor:
-        """Ŵ (N, K) in bf16, from the nibbles: computed in fp32 and rounded once, as the kernel computes it.
+    def dequantised(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Ŵ (N, K) from the nibbles: computed in fp32 (for bf16, rounded once, as the kernel computes it).
 
         (In bf16, s·q and z − 8·s would be rounded apart and then nearly cancel for small weights: 3× the
         error of the kernel's output, and no faster.)
@@ -118,7 +143,7 @@ class Int4Linear(nn.Module):
         q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)  # (N, K / G, G) in 0…15
         scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, K / G) each
         weight = q.float().mul_(scales[..., None]).add_((zeros - 8 * scales)[..., None])  # s·q + (z − 8·s)
-        return weight.to(torch.bfloat16).reshape(self.out_features, self.in_features)
+        return weight.to(dtype).reshape(self.out_features, self.in_features)
 
     def multiply_packed(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (M, K) bf16 → rows · Ŵᵀ (M, N) bf16 through torch's int4 kernel (fastest for few rows)."""
@@ -126,14 +151,18 @@ class Int4Linear(nn.Module):
                                                           self.scales_and_zeros)
 
     def multiply_dense(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (M, K) bf16 → rows · Ŵᵀ (M, N) bf16, Ŵ dequantised once (fastest for many rows)."""
-        return F.linear(rows, self.dequantised())
+        """rows (M, K) → rows · Ŵᵀ (M, N), Ŵ dequantised once (fastest for many rows), in
+        :func:`dense_matmul_dtype`."""
+        dtype = dense_matmul_dtype()
+        return F.linear(rows.to(dtype), self.dequantised(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        many = self.weight_nibbles is not None and rows.shape[0] >= INT4_DENSE_ROWS
-        multiply = self.multiply_dense if many else self.multiply_packed
-        y = multiply(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, self.in_features)
+        if self.weight_nibbles is not None and rows.shape[0] >= INT4_DENSE_ROWS:
+            y = self.multiply_dense(rows)
+        else:
+            y = self.multiply_packed(rows.to(torch.bfloat16))
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
