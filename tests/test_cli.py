@@ -215,7 +215,13 @@ def test_serve_answers_on_localhost_and_stops_on_ctrl_c(smollm2_path):
         data = json.loads(urllib.request.urlopen(request, timeout=120).read())
         assert data["tokens"] == ["The", " cat", " sat", "."]
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=30) == 0
+        try:
+            assert server.wait(timeout=30) == 0
+        except subprocess.TimeoutExpired:  # seen once in a CI run, never reproduced: keep what the server said
+            server.kill()
+            output, errors = server.communicate()
+            pytest.fail(f"serve did not stop within 30 s of Ctrl-C; stdout: {output[-2000:]!r}; "
+                        f"stderr: {errors[-2000:]!r}")
     finally:
         server.kill()
         server.wait()
