@@ -19,7 +19,7 @@ from attnlab.compress.quantize import (
 )
 from attnlab.config import ModelConfig
 from attnlab.errors import InputError
-from attnlab.generate import generate_token_ids
+from attnlab.generate import generate_batch_token_ids, generate_token_ids, model_decode_step
 from attnlab.model import Transformer
 
 
@@ -200,7 +200,8 @@ def test_compiled_decode_step_matches_eager_and_is_built_once(tmp_path, monkeypa
     prompt = [3, 14, 15, 92, 65]
     expected = list(generate_token_ids(model, prompt, max_new_tokens=12))
     (tmp_path / "compiled").mkdir()
-    for age, name in enumerate(("tiny-old-build.pt2", "tiny-older-build.pt2", "other-old-build.pt2")):
+    for age, name in enumerate(("tiny-single-old-build.pt2", "tiny-single-older-build.pt2", "tiny-batch-old.pt2",
+                                "other-single-old-build.pt2")):
         (tmp_path / "compiled" / name).write_bytes(b"a package of an earlier attnlab")
         os.utime(tmp_path / "compiled" / name, (1000 - age, 1000 - age))
     with warnings.catch_warnings(record=True) as caught:
@@ -208,9 +209,10 @@ def test_compiled_decode_step_matches_eager_and_is_built_once(tmp_path, monkeypa
         step = fast.compiled_decode_step(model, "tiny", quiet=True)
     assert not [w for w in caught if issubclass(w.category, FutureWarning)]  # torch's notices stay inside the build
     assert list(generate_token_ids(model, prompt, max_new_tokens=12, decode_step=step)) == expected
-    # the new build and the most recent earlier one of the same key are kept; other keys are not touched
-    kept = sorted(path.name for path in (tmp_path / "compiled").glob("*.pt2"))
-    assert len(kept) == 3 and "tiny-old-build.pt2" in kept and "other-old-build.pt2" in kept
+    # the new build and the most recent earlier one of the same key and kind are kept; other keys and the batch
+    # package (another kind) are not touched
+    kept = {path.name for path in (tmp_path / "compiled").glob("*.pt2")}
+    assert len(kept) == 4 and {"tiny-single-old-build.pt2", "tiny-batch-old.pt2", "other-single-old-build.pt2"} < kept
 
     def no_rebuild(*args):
         raise AssertionError("the cached package was rebuilt")
@@ -222,16 +224,46 @@ def test_compiled_decode_step_matches_eager_and_is_built_once(tmp_path, monkeypa
             == list(generate_token_ids(model, longer, max_new_tokens=20)))
 
 
-def test_disagreement_with_eager_catches_a_wrong_step():
+def test_compiled_batch_step_decodes_padded_batches_of_any_size_as_eager(tmp_path, monkeypatch):
+    """Batches run a second package, built at the first batch (not at load), generic over the batch size;
+    padded rows and unpadded batches decode what the eager model decodes, and the package is reused."""
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path))
+    model = fast.prepare(tiny_llama(), "int4")
+    built = []
+    build = fast._build_package
+    monkeypatch.setattr(fast, "_build_package", lambda *args, **kwargs: built.append(kwargs) or build(*args, **kwargs))
+    step = fast.compiled_decode_step(model, "tiny", quiet=True)
+    assert built == [{"batched": False}]
+    padded = [[3, 14, 15, 92, 65], [2, 7], [18, 28, 18, 28, 45, 90, 45, 23]]
+    unpadded = [[5, 6, 7], [8, 9, 10], [1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    for prompts in (padded, unpadded, padded[:2]):
+        assert (generate_batch_token_ids(model, prompts, max_new_tokens=15, decode_step=step)
+                == generate_batch_token_ids(model, prompts, max_new_tokens=15))
+    assert built == [{"batched": False}, {"batched": True}]
+    packages = sorted(path.name.split("-")[1] for path in (tmp_path / "compiled").glob("*.pt2"))
+    assert packages == ["batch", "single"]
+    again = fast.compiled_decode_step(model, "tiny", quiet=True)
+    assert (generate_batch_token_ids(model, padded, max_new_tokens=5, decode_step=again)
+            == generate_batch_token_ids(model, padded, max_new_tokens=5))
+    assert len(built) == 2  # both packages reused
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_disagreement_with_eager_catches_a_wrong_step(batch_size):
     """The check a freshly built package must pass before it is used (or it is deleted)."""
     model = fast.prepare(tiny_llama(), "int4")
-    assert fast._disagreement_with_eager(model, fast.eager_decode_step(model)) == 0.0
+    assert fast._disagreement_with_eager(model, model_decode_step(model), batch_size) == 0.0
 
-    def wrong(ids, kv_cache):
+    def wrong(ids, kv_cache, key_mask, positions):
         kv_cache.advance(1)
-        return torch.zeros(1, model.config.vocab_size)
+        return torch.zeros(ids.shape[0], model.config.vocab_size)
 
-    assert fast._disagreement_with_eager(model, wrong) > fast.MAX_COMPILED_DISAGREEMENT
+    def ignores_the_padding(ids, kv_cache, key_mask, positions):
+        return model_decode_step(model)(ids, kv_cache, None, None)
+
+    assert fast._disagreement_with_eager(model, wrong, batch_size) > fast.MAX_COMPILED_DISAGREEMENT
+    if batch_size > 1:
+        assert fast._disagreement_with_eager(model, ignores_the_padding, batch_size) > fast.MAX_COMPILED_DISAGREEMENT
 
 
 def test_shortlist_head_gives_exact_logits_for_its_candidates():

@@ -28,7 +28,8 @@ def attention_allowed(query_positions: torch.Tensor, key_positions: torch.Tensor
     causal: j ≤ i (a token never sees the future). sliding window w: i − j < w (only the w most
     recent tokens, itself included). key_padding (B, Tk): False marks padding keys nobody may see.
     """
-    allowed = torch.ones(len(query_positions), len(key_positions), dtype=torch.bool,
+    # .shape[0], not len(): len() must return an int, which pins a traced (torch.export) length to its example
+    allowed = torch.ones(query_positions.shape[0], key_positions.shape[0], dtype=torch.bool,
                          device=query_positions.device)
     distance = query_positions[:, None] - key_positions[None, :]  # (Tq, Tk): i − j
     if causal:

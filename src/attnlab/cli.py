@@ -45,7 +45,8 @@ def _add_mode(parser: argparse.ArgumentParser, default: str = "auto") -> None:
                              f"one (default: {default})")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="decode with a step compiled ahead of time by AOTInductor (default: on in the quantised "
-                             "modes, off in fp32; built once per model, mode and machine, ~2 min, then cached)")
+                             "modes, off in fp32; built once per model, mode and machine, ~2 min, then cached; "
+                             "batches of several prompts build a second step at their first use)")
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:

@@ -7,8 +7,9 @@ printable: partial UTF-8 characters and anything that could still turn into a st
 held back until resolved.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -17,8 +18,26 @@ from attnlab.errors import InputError
 from attnlab.kv_cache import KVCache
 from attnlab.model import Transformer
 
-# ids (B, 1) of the newest tokens, the cache → next-token logits (B, vocab)
-DecodeStep = Callable[[torch.Tensor, KVCache], torch.Tensor]
+
+class DecodeStep(Protocol):
+    """ids (B, 1) of the newest tokens, the cache, the key mask over the filled slots and the new one
+    (B, length + 1) and each row's position (B, 1) (both None unless the batch is padded) → next-token logits
+    (B, vocab); the step writes the new keys and values into the cache and advances it."""
+
+    def __call__(self, ids: torch.Tensor, kv_cache: KVCache, key_mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def model_decode_step(model: Transformer) -> DecodeStep:
+    """The single-token step through the model itself (eager PyTorch): the default, and the reference a
+    compiled step (``attnlab.fast``) is checked against."""
+
+    def step(ids: torch.Tensor, kv_cache: KVCache, key_mask: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None) -> torch.Tensor:
+        return model(ids, attention_mask=key_mask, position_ids=positions, kv_cache=kv_cache,
+                     last_position_only=True)[:, -1]
+
+    return step
 
 
 @dataclass(frozen=True)
@@ -123,8 +142,8 @@ def generate_batch_steps(model: Transformer, prompts: Sequence[Sequence[int]], *
                          decode_step: DecodeStep | None = None) -> Iterator[BatchStep]:
     """The decode loop: yield one BatchStep per new token, for several prompts at once.
 
-    decode_step(ids (B, 1), cache) → logits (B, vocab) runs the single-token steps of unpadded rows (a
-    compiled step from ``attnlab.fast``); by default, and for padded batches, the model itself.
+    decode_step runs the single-token steps (``DecodeStep``; a compiled one from ``attnlab.fast``); by default
+    the model itself.
 
     Prompts of different lengths are left-padded to a common length: the attention mask hides the
     padding keys and each row's positions start at 0 on its first real token, so each row computes
@@ -145,6 +164,7 @@ def generate_batch_steps(model: Transformer, prompts: Sequence[Sequence[int]], *
     dtype, device = model.dtype, model.device
     generators = [None if sampling.seed is None else torch.Generator(device=device).manual_seed(sampling.seed + row)
                   for row in range(n_rows)]
+    decode_step = decode_step or model_decode_step(model)
     window_starts = [0] * n_rows  # sequences[row][window_starts[row]:] is what row's cache holds
     finished = [False] * n_rows
     capacity = min(max(len(sequence) for sequence in sequences) + max_new_tokens, context)
@@ -182,11 +202,7 @@ def generate_batch_steps(model: Transformer, prompts: Sequence[Sequence[int]], *
             cache, key_mask, next_positions, logits = prefill()
             continue
         fed = torch.tensor([[sequence[-1]] for sequence in sequences], device=device)  # (B, 1)
-        if decode_step is not None and key_mask is None and next_positions is None:
-            logits = decode_step(fed, cache)
-            continue
-        logits = model(fed, attention_mask=None if key_mask is None else key_mask[:, :cache.length + 1],
-                       position_ids=next_positions, kv_cache=cache, last_position_only=True)[:, -1]  # decode step
+        logits = decode_step(fed, cache, None if key_mask is None else key_mask[:, :cache.length + 1], next_positions)
         if next_positions is not None:
             next_positions = next_positions + 1
 

@@ -40,7 +40,7 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.name = name
         self.mode = mode  # the inference mode the weights are in (attnlab.fast): fp32 is the exact model
-        self.decode_step = decode_step  # a compiled single-token step, or None for the model itself
+        self.decode_step = decode_step  # a compiled decode step (attnlab.fast), or None for the model itself
 
     @property
     def config(self):

@@ -34,9 +34,10 @@ def batch_throughput(lm, batch_sizes: Sequence[int] = (1, 2, 4, 8), new_tokens: 
     The work is the same at every size: the prompts (repeated to the largest batch size if there are
     fewer) decoded in consecutive batches of that size, ``new_tokens`` each with no stop id (every
     row runs to the end), timed whole, prefill included, through the product's loop with ``lm``'s own
-    decode step (a compiled one, in the quantised modes, decodes batches of one). Each repeat runs every size once, in
-    alternating order (1 2 4 8, then 8 4 2 1, …) so that a machine's drift touches all sizes alike;
-    figures are medians over repeats. After one untimed warm-up per size.
+    decode step (in the quantised modes a compiled one, with a package of its own for batches of 2 or more).
+    Each repeat runs every size once, in alternating order (1 2 4 8, then 8 4 2 1, …) so that a machine's
+    drift touches all sizes alike; figures are medians over repeats. After one untimed warm-up per size (which
+    builds the batch package, the first time).
 
     Keys: batch_size, sequences, new_tokens, seconds, tokens_per_s (all generated tokens / wall time),
     per_sequence_tokens_per_s (tokens_per_s / batch_size: the speed one sequence sees), ratio (tokens/s
