@@ -52,7 +52,7 @@ def main() -> None:
         if args.against_eager else None
     load_after = os.getloadavg()[0]
 
-    table = Table(title=f"{lm.name}, {next(lm.model.parameters()).dtype}, {torch.get_num_threads()} threads, "
+    table = Table(title=f"{lm.name}, {lm.mode}, {torch.get_num_threads()} threads, "
                         f"{rows[0]['sequences']} sequences × {args.new_tokens} greedy tokens, median of {args.repeats}")
     baseline = rows[0]["baseline_batch_size"]
     for column in ("batch size", "seconds", "total tokens/s", "per-sequence tokens/s", f"total vs batch {baseline}",
