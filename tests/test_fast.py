@@ -236,6 +236,11 @@ def test_compiled_batch_step_decodes_padded_batches_of_any_size_as_eager(tmp_pat
     assert built == [{"batched": False}]
     padded = [[3, 14, 15, 92, 65], [2, 7], [18, 28, 18, 28, 45, 90, 45, 23]]
     unpadded = [[5, 6, 7], [8, 9, 10], [1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    with monkeypatch.context() as capped:  # a batch larger than the package takes decodes eagerly, builds nothing
+        capped.setattr(fast, "MAX_COMPILED_BATCH", 2)
+        assert (generate_batch_token_ids(model, padded, max_new_tokens=5, decode_step=step)
+                == generate_batch_token_ids(model, padded, max_new_tokens=5))
+        assert built == [{"batched": False}]
     for prompts in (padded, unpadded, padded[:2]):
         assert (generate_batch_token_ids(model, prompts, max_new_tokens=15, decode_step=step)
                 == generate_batch_token_ids(model, prompts, max_new_tokens=15))
